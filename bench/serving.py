@@ -1,0 +1,640 @@
+"""Serving benchmark: replay a workload against an OpenAI-compatible server and time it.
+
+Every request streams (SSE) with ``stream_options.include_usage``; output token counts come
+from the server's usage chunk, never from counting chunks, since one chunk may carry several
+tokens. Per request, measured on the client with a monotonic clock from the moment the
+request is sent (after any wait for a concurrency slot):
+
+| metric | definition                                                                   |
+|--------|------------------------------------------------------------------------------|
+| TTFT   | send -> first chunk whose text (or chat delta content) is non-empty          |
+| ITL    | gaps between consecutive content chunks (pooled over all requests)           |
+| E2EL   | send -> ``data: [DONE]``                                                     |
+| TPOT   | (E2EL - TTFT) / (output_tokens - 1), for requests with more than one token   |
+
+Run-level: duration is the wall time from the first send to the last response;
+throughputs divide completed requests, output tokens and input + output tokens by it.
+A request fails on a non-200 status, an error event, a stream without content, usage or
+``[DONE]``, a transport error or its hard timeout; it is counted and never stops the run.
+
+    python -m bench.serving --workload rag --num-requests 200 --concurrency 32 \\
+        --output-json results/rag.json --label baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from bench.workloads import (
+    DEFAULT_VOCAB_SIZE,
+    SYNTHETIC_WORKLOADS,
+    BenchRequest,
+    TextTokenizer,
+    Workload,
+    build_workload,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+RESULT_SCHEMA = "loomserve.bench.serving/1"
+Endpoint = Literal["completions", "chat"]
+ENDPOINT_PATHS: dict[str, str] = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+}
+DEFAULT_NUM_REQUESTS = 200
+_ERROR_BODY_CHARS = 300
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workload: Workload
+    base_url: str = DEFAULT_BASE_URL
+    endpoint: Endpoint = "completions"
+    api_key: str | None = None
+    model: str | None = None  # None: the first model the server lists
+    concurrency: int | None = None  # most requests in flight; None: no limit
+    request_rate: float = math.inf  # Poisson arrivals per second; inf: all queued at once
+    temperature: float = 0.0
+    seed: int = 0  # seeds the arrival times (the workload carries its own seed)
+    ignore_eos: bool = True  # force every output to its planned length
+    request_timeout_s: float = 600.0
+    label: str | None = None
+    command: str | None = None  # the command line to record with the results
+    max_error_messages: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.workload.requests:
+            raise ValueError(f"workload {self.workload.name!r} has no requests")
+        if self.endpoint not in ENDPOINT_PATHS:
+            raise ValueError(f"endpoint must be one of {sorted(ENDPOINT_PATHS)}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if not self.request_rate > 0:
+            raise ValueError(f"request_rate must be positive, got {self.request_rate}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.endpoint == "chat" and any(not isinstance(r.prompt, str) for r in self.workload.requests):
+            raise ValueError(
+                "the chat endpoint needs text prompts; pass a tokenizer to build the "
+                "workload as text, or use the completions endpoint"
+            )
+
+
+@dataclass
+class RequestOutcome:
+    """What one request measured; times in seconds, None where it never got that far."""
+
+    prompt_len: int  # the server's count (usage.prompt_tokens) when it sent one
+    planned_output_len: int
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    e2el_s: float | None = None
+    itls_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.error is None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.e2el_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Milliseconds over one metric's samples."""
+
+    mean: float
+    median: float
+    p95: float
+    p99: float
+
+    @classmethod
+    def of_seconds(cls, samples: Sequence[float]) -> LatencySummary | None:
+        if not samples:
+            return None
+        ms = np.asarray(samples, dtype=np.float64) * 1000.0
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        return cls(float(ms.mean()), float(p50), float(p95), float(p99))
+
+
+@dataclass(frozen=True)
+class BenchMetrics:
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float  # completed requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # (input + output tokens) / s
+    ttft_ms: LatencySummary | None
+    tpot_ms: LatencySummary | None
+    itl_ms: LatencySummary | None
+    e2el_ms: LatencySummary | None
+    # Completed requests whose usage shows another length than planned although EOS was
+    # ignored: the server did not honour ignore_eos or max_tokens.
+    output_len_mismatches: int | None
+    errors: list[str]  # the first few failures, in request order
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    model: str
+    metadata: dict[str, Any]
+    metrics: BenchMetrics
+    outcomes: list[RequestOutcome]
+
+    def to_json(self) -> dict[str, Any]:
+        """The result file's content (bench/README.md describes each field)."""
+        config = self.config
+        metrics = self.metrics
+        return {
+            "schema": RESULT_SCHEMA,
+            "label": config.label,
+            "metadata": self.metadata,
+            "config": {
+                "base_url": config.base_url,
+                "endpoint": config.endpoint,
+                "model": self.model,
+                "concurrency": config.concurrency,
+                "request_rate": None if math.isinf(config.request_rate) else config.request_rate,
+                "temperature": config.temperature,
+                "seed": config.seed,
+                "ignore_eos": config.ignore_eos,
+                "request_timeout_s": config.request_timeout_s,
+            },
+            "workload": config.workload.describe(),
+            "metrics": {
+                "completed": metrics.completed,
+                "failed": metrics.failed,
+                "duration_s": metrics.duration_s,
+                "total_input_tokens": metrics.total_input_tokens,
+                "total_output_tokens": metrics.total_output_tokens,
+                "request_throughput": metrics.request_throughput,
+                "output_throughput": metrics.output_throughput,
+                "total_token_throughput": metrics.total_token_throughput,
+                "ttft_ms": _summary_json(metrics.ttft_ms),
+                "tpot_ms": _summary_json(metrics.tpot_ms),
+                "itl_ms": _summary_json(metrics.itl_ms),
+                "e2el_ms": _summary_json(metrics.e2el_ms),
+                "output_len_mismatches": metrics.output_len_mismatches,
+                "errors": metrics.errors,
+            },
+            "requests": [
+                {
+                    "prompt_len": o.prompt_len,
+                    "planned_output_len": o.planned_output_len,
+                    "output_tokens": o.output_tokens,
+                    "ttft_ms": _ms(o.ttft_s),
+                    "tpot_ms": _ms(o.tpot_s),
+                    "e2el_ms": _ms(o.e2el_s),
+                    "error": o.error,
+                }
+                for o in self.outcomes
+            ],
+        }
+
+    def format_table(self) -> str:
+        config, m = self.config, self.metrics
+        rate = "all at once" if math.isinf(config.request_rate) else f"{config.request_rate:g}/s"
+        rows: list[tuple[str, str]] = [
+            ("label", config.label or "-"),
+            ("model", f"{self.model} ({config.endpoint}, {config.base_url})"),
+            ("workload", f"{config.workload.name}, {len(config.workload.requests)} requests"),
+            ("arrivals", f"{rate}, concurrency {config.concurrency or 'unlimited'}"),
+            ("completed / failed", f"{m.completed} / {m.failed}"),
+            ("duration (s)", f"{m.duration_s:.2f}"),
+            ("input / output tokens", f"{m.total_input_tokens} / {m.total_output_tokens}"),
+            ("request throughput (req/s)", f"{m.request_throughput:.2f}"),
+            ("output token throughput (tok/s)", f"{m.output_throughput:.1f}"),
+            ("total token throughput (tok/s)", f"{m.total_token_throughput:.1f}"),
+        ]
+        if m.output_len_mismatches:
+            rows.append(("outputs not of planned length", str(m.output_len_mismatches)))
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines.append("")
+        lines.append(f"{'(ms)':<6}{'mean':>12}{'median':>12}{'p95':>12}{'p99':>12}")
+        for name, summary in (
+            ("TTFT", m.ttft_ms),
+            ("TPOT", m.tpot_ms),
+            ("ITL", m.itl_ms),
+            ("E2EL", m.e2el_ms),
+        ):
+            if summary is None:
+                lines.append(f"{name:<6}{'n/a':>12}")
+            else:
+                values = (summary.mean, summary.median, summary.p95, summary.p99)
+                lines.append(f"{name:<6}" + "".join(f"{v:>12.2f}" for v in values))
+        if m.errors:
+            lines.append("")
+            lines.append(f"first {len(m.errors)} of {m.failed} errors:")
+            lines.extend(f"  {error}" for error in m.errors)
+        return "\n".join(lines)
+
+
+def compute_metrics(
+    outcomes: Sequence[RequestOutcome],
+    duration_s: float,
+    *,
+    ignore_eos: bool = True,
+    max_error_messages: int = 5,
+) -> BenchMetrics:
+    """Run-level metrics from per-request outcomes (failed requests count only as failed)."""
+    done = [o for o in outcomes if o.success]
+    failed = [(i, o) for i, o in enumerate(outcomes) if not o.success]
+    input_tokens = sum(o.prompt_len for o in done)
+    output_tokens = sum(o.output_tokens for o in done)
+    return BenchMetrics(
+        completed=len(done),
+        failed=len(failed),
+        duration_s=duration_s,
+        total_input_tokens=input_tokens,
+        total_output_tokens=output_tokens,
+        request_throughput=len(done) / duration_s,
+        output_throughput=output_tokens / duration_s,
+        total_token_throughput=(input_tokens + output_tokens) / duration_s,
+        ttft_ms=LatencySummary.of_seconds([o.ttft_s for o in done if o.ttft_s is not None]),
+        tpot_ms=LatencySummary.of_seconds([t for o in done if (t := o.tpot_s) is not None]),
+        itl_ms=LatencySummary.of_seconds([gap for o in done for gap in o.itls_s]),
+        e2el_ms=LatencySummary.of_seconds([o.e2el_s for o in done if o.e2el_s is not None]),
+        output_len_mismatches=(sum(o.output_tokens != o.planned_output_len for o in done) if ignore_eos else None),
+        errors=[f"request {i}: {o.error}" for i, o in failed[:max_error_messages]],
+    )
+
+
+def poisson_arrivals(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """Send offsets in seconds: exponential gaps at request_rate, the first at 0."""
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, size=num_requests)
+    gaps[0] = 0.0
+    return [float(t) for t in np.cumsum(gaps)]
+
+
+async def fetch_first_model(client: httpx.AsyncClient) -> str:
+    try:
+        response = await client.get("/v1/models", timeout=30.0)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise RuntimeError(
+            f"could not read the model name from {client.base_url}v1/models ({exc!r}); "
+            "is the server up? Otherwise name the model explicitly"
+        ) from exc
+
+
+async def run_benchmark(config: BenchConfig) -> BenchResult:
+    """Send the workload's requests as configured and measure them."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    # The pool must never be the bottleneck: a request waiting for a connection would be
+    # timed as if the server were slow.
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+    async with httpx.AsyncClient(base_url=config.base_url, headers=headers, limits=limits, timeout=None) as client:
+        model = config.model or await fetch_first_model(client)
+        requests = config.workload.requests
+        arrivals = poisson_arrivals(len(requests), config.request_rate, config.seed)
+        slots = asyncio.Semaphore(config.concurrency or max(1, len(requests)))
+        progress = _Progress(len(requests))
+
+        async def send(request: BenchRequest) -> RequestOutcome:
+            async with slots:
+                outcome = await _timed_request(client, config, model, request)
+            progress.advance()
+            return outcome
+
+        start = time.perf_counter()
+        tasks: list[asyncio.Task[RequestOutcome]] = []
+        for request, offset in zip(requests, arrivals, strict=True):
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(request)))
+        outcomes = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - start
+
+    metrics = compute_metrics(
+        outcomes,
+        duration,
+        ignore_eos=config.ignore_eos,
+        max_error_messages=config.max_error_messages,
+    )
+    if metrics.output_len_mismatches:
+        logger.warning(
+            "%d completed requests did not produce their planned output length although ignore_eos was set",
+            metrics.output_len_mismatches,
+        )
+    return BenchResult(config, model, run_metadata(config), metrics, outcomes)
+
+
+def run_metadata(config: BenchConfig) -> dict[str, Any]:
+    commit, dirty = _git_state()
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": config.command,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+class _Progress:
+    """Logs every tenth of the run, so long benchmarks show they are moving."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._done = 0
+        self._step = max(1, total // 10)
+
+    def advance(self) -> None:
+        self._done += 1
+        if self._done % self._step == 0 or self._done == self._total:
+            logger.info("%d/%d requests finished", self._done, self._total)
+
+
+class _StreamError(Exception):
+    """The response broke the streaming protocol or reported an error."""
+
+
+async def _timed_request(
+    client: httpx.AsyncClient, config: BenchConfig, model: str, request: BenchRequest
+) -> RequestOutcome:
+    outcome = RequestOutcome(request.prompt_len, request.output_len)
+    try:
+        async with asyncio.timeout(config.request_timeout_s):
+            await _stream(client, config, model, request, outcome)
+    except TimeoutError:
+        outcome.error = f"no complete response within {config.request_timeout_s:g} s"
+    except _StreamError as exc:
+        outcome.error = str(exc)
+    except Exception as exc:
+        # Transport errors, malformed JSON or usage, anything else: one broken response is a
+        # failed request and must not take the rest of the run down with it.
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+async def _stream(
+    client: httpx.AsyncClient,
+    config: BenchConfig,
+    model: str,
+    request: BenchRequest,
+    outcome: RequestOutcome,
+) -> None:
+    """Send one request and fill outcome with its timings; raise on any failure."""
+    payload = _payload(config, model, request)
+    start = time.perf_counter()
+    last_content: float | None = None
+    usage_seen = False
+    async with client.stream("POST", ENDPOINT_PATHS[config.endpoint], json=payload) as response:
+        if response.status_code != 200:
+            body = (await response.aread()).decode("utf-8", errors="replace")
+            raise _StreamError(f"HTTP {response.status_code}: {body[:_ERROR_BODY_CHARS]}")
+        async with contextlib.aclosing(_sse_data(response)) as events:
+            async for data in events:
+                now = time.perf_counter()
+                if data == "[DONE]":
+                    outcome.e2el_s = now - start
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise _StreamError(f"unexpected stream event: {data[:_ERROR_BODY_CHARS]}")
+                if chunk.get("error"):
+                    raise _StreamError(f"error event: {json.dumps(chunk['error'])}")
+                if _has_content(chunk, config.endpoint):
+                    if last_content is None:
+                        outcome.ttft_s = now - start
+                    else:
+                        outcome.itls_s.append(now - last_content)
+                    last_content = now
+                if usage := chunk.get("usage"):
+                    usage_seen = True
+                    outcome.output_tokens = int(usage["completion_tokens"])
+                    outcome.prompt_len = int(usage.get("prompt_tokens", outcome.prompt_len))
+    if outcome.e2el_s is None:
+        raise _StreamError("stream ended without data: [DONE]")
+    if outcome.ttft_s is None:
+        raise _StreamError("stream carried no content")
+    if not usage_seen:
+        raise _StreamError("stream carried no usage although include_usage was requested")
+
+
+def _payload(config: BenchConfig, model: str, request: BenchRequest) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.output_len,
+        "temperature": config.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if config.ignore_eos:
+        payload["ignore_eos"] = True
+    if config.endpoint == "chat":
+        payload["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        payload["prompt"] = request.prompt
+    return payload
+
+
+async def _sse_data(response: httpx.Response) -> AsyncGenerator[str, None]:
+    """The data of each server-sent event (data lines joined by newlines)."""
+    data_lines: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data_lines:
+                yield "\n".join(data_lines)
+                data_lines = []
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data_lines.append(value.removeprefix(" "))
+    if data_lines:
+        yield "\n".join(data_lines)
+
+
+def _has_content(chunk: dict[str, Any], endpoint: Endpoint) -> bool:
+    """Whether a chunk carries generated text (not just a role, finish reason or usage)."""
+    for choice in chunk.get("choices") or ():
+        if endpoint == "completions":
+            if choice.get("text"):
+                return True
+        else:
+            delta = choice.get("delta") or {}
+            # Reasoning models stream their first tokens as reasoning, not content.
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+                return True
+    return False
+
+
+def _summary_json(summary: LatencySummary | None) -> dict[str, float] | None:
+    if summary is None:
+        return None
+    return {"mean": summary.mean, "median": summary.median, "p95": summary.p95, "p99": summary.p99}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit and whether it has uncommitted changes (None where unknown)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    sha = commit.stdout.strip() if commit.returncode == 0 else None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return sha, dirty
+
+
+def _redacted_command(argv: Sequence[str]) -> str:
+    """The command line as run, with the API key masked: result files get shared."""
+    words = list(argv)
+    for i, word in enumerate(words):
+        if word == "--api-key" and i + 1 < len(words):
+            words[i + 1] = "***"
+        elif word.startswith("--api-key="):
+            words[i] = "--api-key=***"
+    return shlex.join(words)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving",
+        description="Benchmark an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, throughput).",
+    )
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server root URL")
+    parser.add_argument("--endpoint", choices=sorted(ENDPOINT_PATHS), default="completions")
+    parser.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    parser.add_argument("--model", default=None, help="default: the first from GET /v1/models")
+    parser.add_argument(
+        "--workload",
+        default="rag",
+        help=f"{' | '.join(SYNTHETIC_WORKLOADS)} | PATH.jsonl (default: rag)",
+    )
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help=f"default: {DEFAULT_NUM_REQUESTS}, or the whole jsonl file",
+    )
+    parser.add_argument("--concurrency", type=int, default=None, help="most requests in flight (default: all)")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson arrival rate, requests/s (default: inf, all queued at once)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the workload and arrivals")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Hugging Face tokenizer name or path: build text prompts (needed for chat)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help="token-id prompts draw ids below this (default: %(default)s)",
+    )
+    parser.add_argument("--max-model-len", type=int, default=None, help="shorten requests to fit this length")
+    parser.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let outputs stop at EOS instead of forcing their planned length",
+    )
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--output-json", type=Path, default=None, help="write results here")
+    parser.add_argument("--label", default=None, help="a name for this run in the results")
+    return parser.parse_args(argv)
+
+
+def _load_tokenizer(name: str | None) -> TextTokenizer | None:
+    if name is None:
+        return None
+    from transformers import AutoTokenizer  # slow to import; only text workloads need it
+
+    tokenizer: TextTokenizer = AutoTokenizer.from_pretrained(name)
+    return tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: thousands of lines that would bury the progress.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    num_requests = args.num_requests
+    if num_requests is None and args.workload in SYNTHETIC_WORKLOADS:
+        num_requests = DEFAULT_NUM_REQUESTS
+    try:
+        workload = build_workload(
+            args.workload,
+            num_requests,
+            args.seed,
+            vocab_size=args.vocab_size,
+            tokenizer=_load_tokenizer(args.tokenizer),
+            max_model_len=args.max_model_len,
+        )
+        config = BenchConfig(
+            workload=workload,
+            base_url=args.base_url,
+            endpoint=args.endpoint,
+            api_key=args.api_key,
+            model=args.model,
+            concurrency=args.concurrency,
+            request_rate=args.request_rate,
+            temperature=args.temperature,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+            request_timeout_s=args.request_timeout,
+            label=args.label,
+            command=_redacted_command(
+                [sys.executable, "-m", "bench.serving", *(sys.argv[1:] if argv is None else argv)]
+            ),
+        )
+        result = asyncio.run(run_benchmark(config))
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.format_table())
+    if args.output_json is not None:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"\nresults written to {args.output_json}")
+    return 0 if result.metrics.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The OpenAI-compatible HTTP API.
+
+    POST /v1/completions        prompt (text, token ids, or a batch of either)
+    POST /v1/chat/completions   messages, rendered with the model's chat template
+    GET  /v1/models
+    GET  /health                200 when the scheduler answers and its workers are ready
+
+A request becomes one engine request per (prompt, choice); their outputs are
+merged into one response, or one SSE stream ending with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from transformers import PreTrainedTokenizerBase
+
+from gateway.asgi import ClientDisconnected, SSEResponse, race_disconnect
+from gateway.engine_client import EngineClient, EngineError
+from gateway.generation import (
+    ChoiceDelta,
+    ChoiceResult,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    generate_choice,
+)
+from gateway.protocol import (
+    MAX_TOP_LOGPROBS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_body,
+    stop_strings,
+    validate_sampling,
+)
+from gateway.tokenizer import apply_chat_template
+from shared import messages as m
+from shared.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: list[int]
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready to fan out into engine requests."""
+
+    kind: str  # "completion" | "chat"
+    response_id: str
+    prompts: list[list[int]]
+    n: int
+    sampling: list[m.SamplingParams]  # one per choice of a prompt (seeds differ per choice)
+    stop: list[str]
+    skip_special_tokens: bool
+    stream: bool
+    include_usage: bool
+    want_logprobs: bool
+    priority: int
+    return_token_ids: bool
+    tokens_as_ids: bool
+
+
+def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> None:
+        self.config = config
+        self.engine = engine
+        self.model = model
+        self.token_text = TokenText(model.tokenizer)
+        self.token_id_text = TokenText(model.tokenizer, as_ids=True)
+
+    # -- routes --------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        problem = self.engine.engine_problem()
+        if problem is not None:
+            return _json_response(503, {"status": "unavailable", "reason": problem})
+        status = self.engine.status
+        assert status is not None
+        return _json_response(200, {
+            "status": "ok",
+            "model": self.model.name,
+            "device": status.device,
+            "kv_blocks": status.num_total_blocks,
+            "kv_blocks_free": status.num_free_blocks,
+            "num_running": status.num_running,
+            "num_waiting": status.num_waiting,
+            "max_model_len": status.max_model_len,
+        })
+
+    async def models(self, request: Request) -> Response:
+        status = self.engine.status
+        return _json_response(200, {"object": "list", "data": [{
+            "id": self.model.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "loomserve",
+            "max_model_len": status.max_model_len if status else None,
+        }]})
+
+    async def completions(self, request: Request) -> Response:
+        body = decode_body(await self._read_body(request), CompletionRequest)
+        return await self._serve(request, self._prepare_completion(body))
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = decode_body(await self._read_body(request), ChatCompletionRequest)
+        return await self._serve(request, self._prepare_chat(body))
+
+    # -- request preparation -------------------------------------------------
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.model.name!r}", param="model", code="model_not_found")
+
+    def _max_model_len(self) -> int:
+        status = self.engine.status
+        problem = self.engine.engine_problem()
+        if problem is not None or status is None:
+            raise APIError(503, f"the engine is not ready: {problem}", type="engine_unavailable",
+                           headers={"retry-after": "5"})
+        return status.max_model_len
+
+    def _tokenize_prompt(self, prompt: str | list[str | int | list[int]]) -> list[list[int]]:
+        vocab = len(self.model.tokenizer)
+        items: list[str | int | list[int]] = [prompt] if isinstance(prompt, str) else prompt
+        prompts: list[list[int]] = []
+        if items and all(isinstance(p, int) for p in items):
+            prompts = [[p for p in items if isinstance(p, int)]]
+        elif items and all(isinstance(p, str) for p in items):
+            prompts = [self.model.tokenizer.encode(p, add_special_tokens=True) for p in items if isinstance(p, str)]
+        elif items and all(isinstance(p, list) for p in items):
+            prompts = [list(p) for p in items if isinstance(p, list)]
+        else:
+            raise APIError(400, "prompt must be a string, a list of strings, a list of token ids "
+                                "or a list of lists of token ids, and not empty", param="prompt")
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"token id {bad} is out of range for a vocabulary of {vocab}",
+                               param="prompt")
+        return prompts
+
+    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                  logprobs: int | None) -> list[m.SamplingParams]:
+        eos = [] if req.ignore_eos else self.model.eos_token_ids
+        bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
+        vocab = len(self.model.tokenizer)
+        if bias and any(not 0 <= k < vocab for k in bias):
+            raise APIError(400, f"logit_bias has a token id outside the vocabulary of {vocab}",
+                           param="logit_bias")
+        params = []
+        for choice in range(req.n):
+            seed = req.seed if req.seed is None or req.n == 1 else req.seed + choice
+            params.append(m.SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                seed=seed,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=bias,
+                logprobs=logprobs,
+                stop_token_ids=sorted(set(eos) | set(req.stop_token_ids or [])),
+                min_tokens=req.min_tokens,
+            ))
+        return params
+
+    def _finish_prepare(self, kind: str, req: CompletionRequest | ChatCompletionRequest,
+                        prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
+                        logprobs: int | None) -> PreparedRequest:
+        max_model_len = self._max_model_len()
+        longest = max(len(p) for p in prompts)
+        if longest >= max_model_len:
+            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, "
+                                f"but the prompt has {longest} tokens", param="prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = max_model_len - longest if default_max is None else default_max
+            max_tokens = min(max_tokens, max_model_len - longest)
+        elif longest + max_tokens > max_model_len:
+            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, "
+                                f"but {longest} prompt tokens + {max_tokens} max_tokens = "
+                                f"{longest + max_tokens}; lower max_tokens or shorten the prompt",
+                           param="max_tokens", code="context_length_exceeded")
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        return PreparedRequest(
+            kind=kind,
+            response_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompts=prompts,
+            n=req.n,
+            sampling=self._sampling(req, max_tokens, logprobs),
+            stop=stop_strings(req),
+            skip_special_tokens=req.skip_special_tokens,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            want_logprobs=logprobs is not None,
+            priority=req.priority,
+            return_token_ids=req.return_token_ids,
+            tokens_as_ids=req.return_tokens_as_token_ids,
+        )
+
+    def _prepare_completion(self, req: CompletionRequest) -> PreparedRequest:
+        self._check_model(req.model)
+        validate_sampling(req, req.max_tokens)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+        prompts = self._tokenize_prompt(req.prompt)
+        return self._finish_prepare("completion", req, prompts, req.max_tokens,
+                                    COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs)
+
+    def _prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
+        self._check_model(req.model)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        validate_sampling(req, max_tokens)
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                           param="top_logprobs")
+        messages = []
+        for msg in req.messages:
+            content = msg.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, "only text content parts are supported", param="messages")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            messages.append({"role": msg.role, "content": content or ""})
+        try:
+            prompt = apply_chat_template(self.model.tokenizer, messages,
+                                         add_generation_prompt=req.add_generation_prompt)
+        except Exception as e:  # the template raises on conversations it does not accept
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._finish_prepare("chat", req, [prompt], max_tokens, None, logprobs)
+
+    # -- running -------------------------------------------------------------
+
+    def _engine_requests(self, prep: PreparedRequest) -> list[tuple[int, m.AddRequest]]:
+        now = time.time()
+        out = []
+        for p, prompt in enumerate(prep.prompts):
+            for c in range(prep.n):
+                index = p * prep.n + c
+                out.append((index, m.AddRequest(
+                    request_id=f"{prep.response_id}-{index}",
+                    prompt_token_ids=prompt,
+                    sampling=prep.sampling[c],
+                    arrival_time=now,
+                    priority=prep.priority,
+                )))
+        return out
+
+    async def _merged(self, prep: PreparedRequest) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of every choice, as they come."""
+        queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
+        engine_requests = self._engine_requests(prep)
+
+        async def run(index: int, add: m.AddRequest) -> None:
+            try:
+                async for delta in generate_choice(self.engine, self.model.tokenizer, add, index, prep.stop,
+                                                   prep.skip_special_tokens, prep.kind == "completion"):
+                    queue.put_nowait(delta)
+            except Exception as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(run(i, add)) for i, add in engine_requests]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _serve(self, request: Request, prep: PreparedRequest) -> Response:
+        headers = {"x-request-id": prep.response_id}
+        if prep.stream:
+            return SSEResponse(self._stream(prep), headers)
+        try:
+            results = await race_disconnect(request.receive, self._collect(prep))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        return _json_response(200, self._full_response(prep, results), headers)
+
+    async def _collect(self, prep: PreparedRequest) -> list[ChoiceResult]:
+        results = [ChoiceResult(i) for i in range(len(prep.prompts) * prep.n)]
+        async for delta in self._merged(prep):
+            r = results[delta.index]
+            r.text += delta.text
+            r.token_ids += delta.token_ids
+            r.logprobs += delta.logprobs
+            if delta.finish_reason is not None:
+                r.finish_reason = delta.finish_reason
+        return results
+
+    def _usage(self, prep: PreparedRequest, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in prep.prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _logprobs_field(self, prep: PreparedRequest, lps: list[m.TokenLogprobs],
+                        token_ids: list[int]) -> dict[str, Any] | None:
+        if not prep.want_logprobs:
+            return None
+        token_text = self.token_id_text if prep.tokens_as_ids else self.token_text
+        if prep.kind == "chat":
+            return chat_logprobs(lps, token_ids, token_text)
+        return completion_logprobs(lps, token_ids, token_text)
+
+    def _full_response(self, prep: PreparedRequest, results: list[ChoiceResult]) -> dict[str, Any]:
+        choices = []
+        for r in results:
+            lps = self._logprobs_field(prep, r.logprobs, r.token_ids)
+            choice: dict[str, Any]
+            if prep.kind == "chat":
+                choice = {"index": r.index, "message": {"role": "assistant", "content": r.text},
+                          "logprobs": lps, "finish_reason": r.finish_reason}
+            else:
+                choice = {"index": r.index, "text": r.text, "logprobs": lps,
+                          "finish_reason": r.finish_reason}
+            if prep.return_token_ids:
+                choice["token_ids"] = r.token_ids
+            choices.append(choice)
+        return {
+            "id": prep.response_id,
+            "object": "chat.completion" if prep.kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": self.model.name,
+            "choices": choices,
+            "usage": self._usage(prep, sum(len(r.token_ids) for r in results)),
+        }
+
+    async def _stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        kind = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+        base = {"id": prep.response_id, "object": kind, "created": created, "model": self.model.name}
+        completion_tokens = 0
+        if prep.kind == "chat":
+            for i in range(len(prep.prompts) * prep.n):
+                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        try:
+            async for delta in self._merged(prep):
+                completion_tokens += len(delta.token_ids)
+                if (not delta.text and delta.finish_reason is None and not prep.want_logprobs
+                        and not prep.return_token_ids):
+                    continue
+                lps = self._logprobs_field(prep, delta.logprobs, delta.token_ids)
+                choice: dict[str, Any] = {"index": delta.index}
+                if prep.kind == "chat":
+                    choice["delta"] = {"content": delta.text} if delta.text else {}
+                else:
+                    choice["text"] = delta.text
+                choice["logprobs"] = lps
+                choice["finish_reason"] = delta.finish_reason
+                if prep.return_token_ids:
+                    choice["token_ids"] = delta.token_ids
+                yield _sse({**base, "choices": [choice]})
+        except EngineError as e:
+            yield _sse({"error": {"message": e.error.message, "type": e.error.type, "param": None,
+                                  "code": e.error.status}})
+            yield _DONE
+            return
+        if prep.include_usage:
+            yield _sse({**base, "choices": [], "usage": self._usage(prep, completion_tokens)})
+        yield _DONE
+
+
+def _error_handlers() -> dict[Any, Callable[..., Any]]:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return _json_response(exc.status, exc.body(), exc.headers)
+
+    async def engine_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EngineError)
+        return _json_response(exc.error.status, APIError(exc.error.status, exc.error.message,
+                                                         type=exc.error.type).body())
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json_response(exc.status_code, APIError(exc.status_code, exc.detail).body())
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return _json_response(500, APIError(500, "internal error; the server log has details",
+                                            type="internal_error").body())
+
+    return {APIError: api_error, EngineError: engine_error, HTTPException: http_error,
+            Exception: unexpected}
+
+
+def create_app(config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> Starlette:
+    gateway = Gateway(config, engine, model)
+    routes = [
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan)
+    app.state.gateway = gateway
+    return app
+

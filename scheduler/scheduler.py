@@ -1,0 +1,316 @@
+"""Iteration-level continuous batching under one token budget.
+
+Every step spends at most ``max_num_batched_tokens`` new tokens on at most
+``max_num_seqs`` sequences, in this order:
+
+    1. running requests that decode (one token each),
+    2. running requests in the middle of a chunked prefill (or a recompute),
+    3. waiting requests, admitted in policy order while budget, sequences and
+       KV blocks last; a prompt longer than the budget left is split across steps.
+
+There are no prefill and decode phases: a long prompt only takes what the
+decodes leave, so running streams keep their pace. When a running request needs
+a KV block and none is free, the policy's victim is preempted: its blocks are
+freed and it goes back to the waiting queue, to be recomputed later (reusing
+what the prefix cache still holds).
+
+The scheduler is synchronous with its workers: ``schedule()`` produces one
+``BatchPlan``, the worker group runs it, ``update_from_output()`` applies the
+``StepResult``. Progress (``num_computed_tokens``) advances only there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.policy import WaitingQueue, pick_victim
+from scheduler.request import Request, RequestStatus
+from shared.config import SchedulerConfig
+from shared.messages import (
+    BatchPlan,
+    CachedRequestData,
+    ErrorInfo,
+    NewRequestData,
+    RequestOutput,
+    StepResult,
+    TokenLogprobs,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_rejected: int = 0
+    max_batch_size: int = 0
+    # Request ids of each step, kept only when tracing batches (tests, debugging).
+    batch_history: list[list[str]] = field(default_factory=list)
+
+
+class AdmissionError(Exception):
+    """A request that can never run; ``error`` says why, with the HTTP status."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        max_model_len: int,
+        record_batches: bool = False,
+    ) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._record_batches = record_batches
+        self._step_id = 0
+        # Requests that ended since the last plan; the worker drops their state.
+        self._finished_since_plan: list[str] = []
+        # Requests whose full data the worker holds (sent once in new_requests).
+        self._known_to_worker: set[str] = set()
+
+    # -- admission and abort -------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue ``request``, or raise AdmissionError if it can never run."""
+        if request.request_id in self.requests:
+            raise AdmissionError(ErrorInfo(400, f"request id {request.request_id!r} is already in use"))
+        prompt_len = request.num_prompt_tokens
+        total = prompt_len + request.sampling.max_tokens
+        if prompt_len == 0:
+            raise AdmissionError(ErrorInfo(400, "the prompt is empty"))
+        if total > self.max_model_len:
+            raise AdmissionError(ErrorInfo(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = "
+                f"{total}; shorten the prompt or lower max_tokens",
+            ))
+        capacity = self.kv_cache.max_tokens_ever()
+        if total > capacity:
+            raise AdmissionError(ErrorInfo(
+                400,
+                f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
+                f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
+            ))
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            self.stats.num_aborted += 1
+            outputs.append(self._finish(request, "abort"))
+        return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (the worker group is gone)."""
+        error = ErrorInfo(503, message, type="engine_error")
+        outputs = []
+        for request in list(self.requests.values()):
+            self._finish(request, "error")
+            outputs.append(RequestOutput(request.request_id, [], "error", error=error))
+        self._known_to_worker.clear()
+        self._finished_since_plan.clear()
+        return outputs
+
+    # -- one step ------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def schedule(self) -> BatchPlan | None:
+        """Choose this step's tokens; None when there is nothing to compute."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted_now = False
+
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decoding + prefilling:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            blocks = self._allocate_or_preempt(request, num_new, scheduled)
+            if blocks is None:
+                preempted_now = True
+                continue
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            scheduled[request.request_id] = num_new
+            new_blocks[request.request_id] = blocks
+            budget -= num_new
+
+        new_requests: list[NewRequestData] = []
+        # After a preemption this step, admitting would only evict again.
+        while budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs:
+            head = self.waiting.peek()
+            if head is None:
+                break
+            computed_blocks, num_computed = self.kv_cache.get_computed_blocks(head)
+            num_new = min(head.num_tokens - num_computed, budget)
+            if self.kv_cache.allocate_slots(head, num_new, computed_blocks) is None:
+                break  # head of line waits for blocks; later arrivals do not jump it
+            self.waiting.pop()
+            if head.num_preemptions == 0:
+                head.num_cached_tokens = num_computed
+            head.num_computed_tokens = num_computed
+            head.status = RequestStatus.RUNNING
+            self.running.append(head)
+            scheduled[head.request_id] = num_new
+            budget -= num_new
+            new_requests.append(NewRequestData(
+                request_id=head.request_id,
+                token_ids=list(head.token_ids),
+                sampling=head.sampling,
+                block_ids=self.kv_cache.get_block_ids(head.request_id),
+                num_computed_tokens=num_computed,
+                traceparent=head.traceparent,
+            ))
+            self._known_to_worker.add(head.request_id)
+
+        if not scheduled:
+            return None
+        cached_requests = [
+            CachedRequestData(rid, new_blocks[rid], self.requests[rid].num_computed_tokens)
+            for rid in scheduled
+            if rid in new_blocks
+        ]
+        self._step_id += 1
+        self.stats.num_steps += 1
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
+        if self._record_batches:
+            self.stats.batch_history.append(list(scheduled))
+        plan = BatchPlan(
+            step_id=self._step_id,
+            new_requests=new_requests,
+            cached_requests=cached_requests,
+            num_scheduled_tokens=scheduled,
+            finished_request_ids=self._finished_since_plan,
+        )
+        self._finished_since_plan = []
+        return plan
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, scheduled: dict[str, int]
+    ) -> list[int] | None:
+        """Allocate ``num_new`` slots for a running request, preempting others
+        (never one already scheduled this step) until it fits. Returns None if
+        ``request`` itself was the one preempted."""
+        while True:
+            blocks = self.kv_cache.allocate_slots(request, num_new)
+            if blocks is not None:
+                return blocks
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = pick_victim(self.config.policy, candidates)
+            self._preempt(victim)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        self.running.remove(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        # The worker keeps its sampling state (a seeded generator continues) but
+        # must be sent the request's tokens and new blocks again on resumption.
+        self.waiting.push(request)
+        log.debug("preempted %s after %d tokens", request.request_id, request.num_tokens)
+
+    def update_from_output(self, plan: BatchPlan, result: StepResult) -> list[RequestOutput]:
+        """Advance the scheduled requests by the worker's result; return what the clients see."""
+        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
+        logprobs: dict[str, list[TokenLogprobs] | None] = (
+            dict(zip(result.request_ids, result.logprobs, strict=True)) if result.logprobs else {}
+        )
+        outputs = []
+        for request_id, num_new in plan.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # ended (abort) while the step was running
+            request.num_computed_tokens += num_new
+            token_ids = sampled.get(request_id)
+            if not token_ids:
+                continue  # a prefill chunk: nothing to emit yet
+            emitted: list[int] = []
+            reason = None
+            for token_id in token_ids:
+                request.append_output_token(token_id)
+                emitted.append(token_id)
+                reason = self._stop_reason(request, token_id)
+                if reason is not None:
+                    break
+            token_logprobs = logprobs.get(request_id)
+            if token_logprobs is not None:
+                token_logprobs = token_logprobs[: len(emitted)]
+            cached = request.num_cached_tokens if request.num_output_tokens == len(emitted) else 0
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(RequestOutput(request_id, emitted, reason, token_logprobs, cached))
+        return outputs
+
+    def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        params = request.sampling
+        num_out = request.num_output_tokens
+        if token_id in params.stop_token_ids and num_out >= params.min_tokens:
+            return "stop"
+        if num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str) -> RequestOutput:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+        self.stats.num_finished += 1
+        if request.request_id in self._known_to_worker:
+            self._known_to_worker.discard(request.request_id)
+            self._finished_since_plan.append(request.request_id)
+        return RequestOutput(request.request_id, [], reason)
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def is_idle_and_empty(self) -> bool:
+        """No request anywhere and every KV block free (tests assert this after each run)."""
+        return (
+            not self.requests
+            and not self.running
+            and len(self.waiting) == 0
+            and self.kv_cache.num_used_blocks == 0
+        )

@@ -1,0 +1,329 @@
+"""The scheduler process: ZeroMQ in and out, one ``Scheduler`` step at a time.
+
+    gateways --AddRequest/Abort/StatusQuery--> [ROUTER gateway_address]
+    gateways <--RequestOutputs/SchedulerStatus--
+    workers  --WorkerReady/StepResult/WorkerFailure--> [ROUTER worker_address]
+    workers  <--BatchPlan/Shutdown--
+
+One plan is in flight at a time. Gateway messages that arrive while a step
+runs are applied after its result, so the scheduler's state only changes
+between steps. The worker group is watched three ways: a socket monitor sees a
+rank's connection drop (process death), a ``WorkerFailure`` reports an
+exception, and a step that outlives ``step_timeout_s`` counts as a hang. Any of
+them fails every in-flight request at once and marks the group down until all
+ranks register again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+
+import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.request import Request
+from scheduler.scheduler import AdmissionError, Scheduler
+from shared import messages as m
+from shared.config import SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 10.0
+
+
+class SchedulerServer:
+    def __init__(self, config: SchedulerConfig, record_batches: bool = False) -> None:
+        self.config = config
+        self._record_batches = record_batches
+        self._ctx = zmq.Context()
+        self._gateway_sock = self._ctx.socket(zmq.ROUTER)
+        self._gateway_sock.setsockopt(zmq.LINGER, 0)
+        self._gateway_sock.bind(config.gateway_address)
+        self._worker_sock = self._ctx.socket(zmq.ROUTER)
+        self._worker_sock.setsockopt(zmq.LINGER, 0)
+        self._worker_monitor = self._worker_sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self._worker_sock.bind(config.worker_address)
+        self._encoder = m.encoder()
+
+        self.scheduler: Scheduler | None = None
+        self._ranks: dict[int, bytes] = {}  # rank -> routing id
+        self._ready: dict[int, m.WorkerReady] = {}
+        self._group_error: str | None = None
+        self._owner: dict[str, bytes] = {}  # request id -> gateway routing id
+        self._in_flight: tuple[m.BatchPlan, float] | None = None
+        self._deferred: list[tuple[bytes, m.AddRequest | m.AbortRequest]] = []
+        self._pending: list[tuple[bytes, m.AddRequest]] = []  # before the workers are ready
+        self._stopping = False
+        self._last_stats = time.monotonic()
+        self._tokens_since_stats = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        for routing_id in self._ranks.values():
+            self._send_worker(routing_id, m.Shutdown())
+        self._worker_monitor.close(linger=0)
+        self._gateway_sock.close(linger=0)
+        self._worker_sock.close(linger=0)
+        self._ctx.term()
+
+    def run(self) -> None:
+        log.info("scheduler listening: gateways at %s, workers at %s (waiting for %d rank(s))",
+                 self.config.gateway_address, self.config.worker_address, self.config.world_size)
+        poller = zmq.Poller()
+        poller.register(self._gateway_sock, zmq.POLLIN)
+        poller.register(self._worker_sock, zmq.POLLIN)
+        poller.register(self._worker_monitor, zmq.POLLIN)
+        while not self._stopping:
+            if self._in_flight is None:
+                self._launch_step()
+            timeout_ms = 0 if self._can_step() else 200
+            if self._in_flight is not None:
+                remaining = self._in_flight[1] + self.config.step_timeout_s - time.monotonic()
+                if remaining <= 0:
+                    self._group_down(f"a step took longer than {self.config.step_timeout_s:.0f} s")
+                    continue
+                timeout_ms = min(200, int(remaining * 1000) + 1)
+            events = dict(poller.poll(timeout_ms))
+            if self._worker_monitor in events:
+                self._on_monitor_event()
+            if self._worker_sock in events:
+                self._drain_workers()
+            if self._gateway_sock in events:
+                self._drain_gateways()
+            self._log_stats()
+
+    def _can_step(self) -> bool:
+        return self._in_flight is None and self.scheduler is not None and self.scheduler.has_work()
+
+    # -- gateways ------------------------------------------------------------
+
+    def _drain_gateways(self) -> None:
+        while True:
+            try:
+                routing_id, frame = self._gateway_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                log.warning("dropped a gateway message with an unexpected number of frames")
+                continue
+            try:
+                msg = m.gateway_to_scheduler.decode(frame)
+            except msgspec.DecodeError as e:
+                log.warning("dropped an undecodable gateway frame (%d bytes): %s", len(frame), e)
+                continue
+            if isinstance(msg, m.StatusQuery):
+                self._send_gateway(routing_id, self._status(msg.nonce))
+            elif self._in_flight is not None:
+                self._deferred.append((routing_id, msg))
+            else:
+                self._apply(routing_id, msg)
+
+    def _apply(self, routing_id: bytes, msg: m.AddRequest | m.AbortRequest) -> None:
+        if isinstance(msg, m.AbortRequest):
+            if self.scheduler is not None:
+                self._publish(self.scheduler.abort_requests(msg.request_ids))
+            aborted = set(msg.request_ids)
+            self._pending = [(r, a) for r, a in self._pending if a.request_id not in aborted]
+            return
+        if self._group_error is not None:
+            self._reject(routing_id, msg.request_id,
+                         m.ErrorInfo(503, f"the worker group is down: {self._group_error}", "engine_error"))
+            return
+        if self.scheduler is None:
+            self._pending.append((routing_id, msg))
+            return
+        request = Request(
+            request_id=msg.request_id,
+            prompt_token_ids=msg.prompt_token_ids,
+            sampling=msg.sampling,
+            arrival_time=msg.arrival_time,
+            priority=msg.priority,
+            cache_salt=msg.tenant,
+            traceparent=msg.traceparent,
+        )
+        try:
+            self.scheduler.add_request(request)
+        except AdmissionError as e:
+            self.scheduler.stats.num_rejected += 1
+            self._reject(routing_id, msg.request_id, e.error)
+            return
+        self._owner[msg.request_id] = routing_id
+
+    def _reject(self, routing_id: bytes, request_id: str, error: m.ErrorInfo) -> None:
+        out = m.RequestOutput(request_id, [], "error", error=error)
+        self._send_gateway(routing_id, m.RequestOutputs([out]))
+
+    def _publish(self, outputs: list[m.RequestOutput]) -> None:
+        by_gateway: dict[bytes, list[m.RequestOutput]] = defaultdict(list)
+        for out in outputs:
+            routing_id = self._owner.get(out.request_id)
+            if routing_id is None:
+                continue
+            if out.finish_reason is not None:
+                del self._owner[out.request_id]
+            by_gateway[routing_id].append(out)
+            self._tokens_since_stats += len(out.new_token_ids)
+        for routing_id, outs in by_gateway.items():
+            self._send_gateway(routing_id, m.RequestOutputs(outs))
+
+    def _send_gateway(self, routing_id: bytes, msg: m.RequestOutputs | m.SchedulerStatus) -> None:
+        try:
+            self._gateway_sock.send_multipart([routing_id, self._encoder.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not reach a gateway: %s", e)
+
+    def _status(self, nonce: int) -> m.SchedulerStatus:
+        sched = self.scheduler
+        ready = sched is not None and self._group_error is None
+        first = self._ready.get(0)
+        return m.SchedulerStatus(
+            nonce=nonce,
+            workers_ready=ready,
+            error=self._group_error,
+            num_waiting=sched.num_waiting if sched else len(self._pending),
+            num_running=sched.num_running if sched else 0,
+            num_free_blocks=sched.kv_cache.num_free_blocks if sched else 0,
+            num_total_blocks=sched.kv_cache.num_blocks if sched else 0,
+            model=first.model if first else "",
+            device=first.device if first else "",
+            max_model_len=sched.max_model_len if sched else 0,
+        )
+
+    # -- workers -------------------------------------------------------------
+
+    def _send_worker(self, routing_id: bytes, msg: m.BatchPlan | m.Shutdown) -> None:
+        try:
+            self._worker_sock.send_multipart([routing_id, self._encoder.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not reach a worker: %s", e)
+
+    def _launch_step(self) -> None:
+        if self.scheduler is None or self._group_error is not None:
+            return
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        payload = self._encoder.encode(plan)
+        for routing_id in self._ranks.values():
+            self._worker_sock.send_multipart([routing_id, payload], copy=False)
+        self._in_flight = (plan, time.monotonic())
+
+    def _drain_workers(self) -> None:
+        while True:
+            try:
+                routing_id, frame = self._worker_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                log.warning("dropped a worker message with an unexpected number of frames")
+                continue
+            try:
+                msg = m.worker_to_scheduler.decode(frame)
+            except msgspec.DecodeError as e:
+                log.warning("dropped an undecodable worker frame (%d bytes): %s", len(frame), e)
+                continue
+            if isinstance(msg, m.WorkerReady):
+                self._on_worker_ready(routing_id, msg)
+            elif isinstance(msg, m.StepResult):
+                self._on_step_result(msg)
+            elif isinstance(msg, m.WorkerFailure):
+                self._group_down(f"rank {msg.rank} failed: {msg.message}")
+
+    def _on_worker_ready(self, routing_id: bytes, msg: m.WorkerReady) -> None:
+        if msg.world_size != self.config.world_size:
+            log.error("rank %d reports world size %d, expected %d; ignored",
+                      msg.rank, msg.world_size, self.config.world_size)
+            return
+        self._ranks[msg.rank] = routing_id
+        self._ready[msg.rank] = msg
+        if len(self._ready) < self.config.world_size:
+            return
+        head = self._ready[0]
+        kv_cache = KVCacheManager(
+            num_blocks=min(r.num_kv_blocks for r in self._ready.values()),
+            block_size=head.block_size,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(self.config, kv_cache, head.max_model_len, self._record_batches)
+        self._group_error = None
+        log.info("worker group ready: %d rank(s), model %s on %s, %d KV blocks of %d tokens, "
+                 "max model length %d", self.config.world_size, head.model, head.device,
+                 kv_cache.num_blocks, head.block_size, head.max_model_len)
+        pending, self._pending = self._pending, []
+        for gateway_id, add in pending:
+            self._apply(gateway_id, add)
+
+    def _on_step_result(self, result: m.StepResult) -> None:
+        if self._in_flight is None or self.scheduler is None:
+            return
+        plan, _ = self._in_flight
+        if result.step_id != plan.step_id:
+            log.warning("dropped a result for step %d while waiting for step %d", result.step_id, plan.step_id)
+            return
+        self._in_flight = None
+        self._publish(self.scheduler.update_from_output(plan, result))
+        deferred, self._deferred = self._deferred, []
+        for routing_id, msg in deferred:
+            self._apply(routing_id, msg)
+
+    def _on_monitor_event(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._worker_monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._ranks:
+                self._group_down("a worker rank disconnected (its process exited)")
+
+    def _group_down(self, reason: str) -> None:
+        log.error("worker group down: %s; failing all in-flight requests", reason)
+        self._group_error = reason
+        self._in_flight = None
+        self._ranks.clear()
+        self._ready.clear()
+        if self.scheduler is not None:
+            self._publish(self.scheduler.fail_all(reason))
+        self.scheduler = None
+        error = m.ErrorInfo(503, f"the worker group is down: {reason}", "engine_error")
+        deferred, self._deferred = self._deferred, []
+        pending, self._pending = self._pending, []
+        for routing_id, msg in deferred + pending:
+            if isinstance(msg, m.AddRequest):
+                self._reject(routing_id, msg.request_id, error)
+
+    def _log_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < _STATS_INTERVAL_S:
+            return
+        sched = self.scheduler
+        if sched is not None and (sched.has_work() or self._tokens_since_stats):
+            kv = sched.kv_cache
+            log.info("%.1f tokens/s out, %d running, %d waiting, KV %d/%d blocks used, %d preemptions",
+                     self._tokens_since_stats / (now - self._last_stats), sched.num_running,
+                     sched.num_waiting, kv.num_used_blocks, kv.num_blocks, sched.stats.num_preemptions)
+        self._last_stats = now
+        self._tokens_since_stats = 0
+
+
+def serve_scheduler(config: SchedulerConfig) -> None:
+    from shared.process import install_stop_handler, parent_watchdog
+
+    server = SchedulerServer(config)
+    install_stop_handler(server.stop)
+    parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), server.stop)
+    try:
+        server.run()
+    finally:
+        server.close()
+        log.info("scheduler stopped")

@@ -1,0 +1,125 @@
+"""Configuration of each process, read once at start.
+
+Every field is a command-line option (``--max-num-seqs``) and an environment
+variable (``LOOMSERVE_MAX_NUM_SEQS``); the command line wins. Each process logs
+its configuration at start with secrets masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_GATEWAY_ADDRESS = "tcp://127.0.0.1:5557"
+DEFAULT_WORKER_ADDRESS = "tcp://127.0.0.1:5558"
+
+
+def _opt(default: Any, help: str, secret: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret, "choices": choices})
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    gateway_address: str = _opt(DEFAULT_GATEWAY_ADDRESS, "ZeroMQ address the scheduler binds for gateways")
+    worker_address: str = _opt(DEFAULT_WORKER_ADDRESS, "ZeroMQ address the scheduler binds for workers")
+    max_num_seqs: int = _opt(256, "most sequences in one batch")
+    max_num_batched_tokens: int = _opt(2048, "token budget of one step (decodes + prefill chunks)")
+    policy: str = _opt("fcfs", "order of the waiting queue", choices=("fcfs", "priority"))
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
+    world_size: int = _opt(1, "ranks in the worker group (tensor parallel size)")
+    step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    scheduler_address: str = _opt(DEFAULT_WORKER_ADDRESS, "ZeroMQ address of the scheduler's worker socket")
+    model: str | None = _opt(None, "GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    load_format: str = _opt("auto", "weights format", choices=("auto", "gguf", "safetensors", "dummy"))
+    dtype: str = _opt("auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (GPU if present)")
+    block_size: int = _opt(16, "tokens per KV cache block")
+    kv_cache_gb: float = _opt(2.0, "KV cache size in GiB on the CPU")
+    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache")
+    max_model_len: int | None = _opt(None, "longest sequence (default: the model's context length)")
+    num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
+    seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
+    rank: int = _opt(0, "this process's rank in the worker group")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = _opt("127.0.0.1", "address the HTTP server listens on")
+    port: int = _opt(8000, "HTTP port")
+    scheduler_address: str = _opt(DEFAULT_GATEWAY_ADDRESS, "ZeroMQ address of the scheduler's gateway socket")
+    model: str | None = _opt(None, "model whose tokenizer the gateway uses (default: SmolLM2-135M-Instruct)")
+    served_model_name: str | None = _opt(None, "model name in the API (default: derived from --model)")
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "largest accepted request body")
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; plain types unchanged."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def env_name(field_name: str) -> str:
+    return "LOOMSERVE_" + field_name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per dataclass field; defaults come from the environment first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if any(flag in action.option_strings for action in parser._actions):
+            continue  # shared by two configs (serve): one option feeds both
+        tp = _base_type(hints[f.name])
+        converter = _parse_bool if tp is bool else tp
+        env = os.environ.get(env_name(f.name))
+        default = converter(env) if env is not None else f.default
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default}]"
+        if tp is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
+                                metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(flag, type=converter, default=default, help=help_text,
+                                choices=f.metadata["choices"])
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {name: getattr(ns, name) for name in names if hasattr(ns, name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def describe(config: Any) -> str:
+    """``name=value`` pairs for the start-up log, secrets masked."""
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("secret") and value:
+            value = "****"
+        parts.append(f"{f.name}={value}")
+    return " ".join(parts)

@@ -1,0 +1,122 @@
+"""``loomserve serve``: start scheduler, worker and gateway as OS processes and watch them.
+
+Children live in their own process group, so Ctrl-C reaches only the supervisor,
+which then stops them in order: the gateway first (it drains open streams),
+then the scheduler and workers. Each child also gets SIGTERM from the kernel if
+the supervisor dies (PR_SET_PDEATHSIG), and watches its parent pid as a
+backup. If any child exits on its own, the others are stopped and ``serve``
+exits non-zero: no half-alive service, no orphans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from shared.process import die_with_parent, install_stop_handler
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 35.0  # the gateway's own graceful-shutdown timeout is 30 s
+_KILL_AFTER_S = 10.0
+
+
+def config_argv(config: Any) -> list[str]:
+    """A config dataclass back to command-line options (None values left out)."""
+    argv = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        argv += ["--" + f.name.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], health_url: str) -> None:
+        self.children = children
+        self.health_url = health_url
+        self._stop_requested = False
+
+    def _spawn(self, child: Child) -> None:
+        env = {**os.environ, "LOOMSERVE_SUPERVISOR_PID": str(os.getpid())}
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *child.argv],
+            env=env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
+        )
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def run(self) -> int:
+        install_stop_handler(self._request_stop)
+        for child in self.children:
+            self._spawn(child)
+        announced = False
+        next_probe = time.monotonic()
+        while True:
+            # Checked before the stop flag, so a child that died just before a stop
+            # request still makes the exit code say so.
+            for child in self.children:
+                assert child.proc is not None
+                code = child.proc.poll()
+                if code is not None:
+                    log.error("%s exited with code %d; stopping the others", child.name, code)
+                    self.shutdown()
+                    return 1
+            if self._stop_requested:
+                self.shutdown()
+                return 0
+            if not announced and time.monotonic() >= next_probe:
+                announced = self._announce_when_ready()
+                next_probe = time.monotonic() + 0.5
+            time.sleep(0.1)
+
+    def _request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _announce_when_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=2) as resp:
+                info = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        base = self.health_url.rsplit("/", 1)[0]
+        log.info("loomserve ready: %s/v1 serving %s on %s, %d KV blocks, max model length %d",
+                 base, info["model"], info["device"], info["kv_blocks"], info["max_model_len"])
+        return True
+
+    def shutdown(self) -> None:
+        """Gateway first (graceful drain), then everything else; kill what lingers."""
+        for group in (self.children[-1:], self.children[:-1]):
+            live = [c for c in group if c.proc is not None and c.proc.poll() is None]
+            for child in live:
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + (_GRACE_S if group is self.children[-1:] else _KILL_AFTER_S)
+            for child in live:
+                assert child.proc is not None
+                try:
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time; killing it", child.name)
+                    child.proc.kill()
+                    child.proc.wait()
+        log.info("all processes stopped")

@@ -1,0 +1,48 @@
+"""The scheduler process's sockets: garbage is dropped and logged, never trusted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import zmq
+
+from scheduler.server import SchedulerServer
+from shared import messages as m
+from shared.config import SchedulerConfig
+from tests.stack import free_port
+
+
+def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}")
+    server = SchedulerServer(config)
+    thread = threading.Thread(target=server.run)
+    caplog.set_level(logging.WARNING, logger="scheduler.server")
+    thread.start()
+    ctx = zmq.Context()
+    gateway = ctx.socket(zmq.DEALER)
+    worker = ctx.socket(zmq.DEALER)
+    try:
+        gateway.connect(config.gateway_address)
+        worker.connect(config.worker_address)
+        gateway.send(b"\x93\xff garbage")
+        gateway.send_multipart([b"two", b"frames"])
+        worker.send(b"\x00\x01")
+        # a message of the wrong socket's union does not decode either
+        gateway.send(m.encoder().encode(m.Shutdown()))
+        gateway.send(m.encoder().encode(m.StatusQuery(nonce=7)))
+        assert gateway.poll(5000), "the scheduler stopped answering after garbage"
+        status = m.scheduler_to_gateway.decode(gateway.recv())
+        assert isinstance(status, m.SchedulerStatus) and status.nonce == 7
+        assert not status.workers_ready
+    finally:
+        server.stop()
+        thread.join(5)
+        server.close()
+        gateway.close(linger=0)
+        worker.close(linger=0)
+        ctx.term()
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) >= 3, dropped

@@ -1,0 +1,114 @@
+"""The worker process: receives plans from the scheduler, runs them, answers.
+
+Start-up: resolve the device, load the model, size and allocate the KV cache,
+then send ``WorkerReady``. A step that raises is reported as ``WorkerFailure``
+(the scheduler fails the in-flight requests); the worker then drops all request
+state and registers again, so one bad batch does not take the service down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+import torch
+import zmq
+
+from shared import messages as m
+from shared.config import WorkerConfig
+from shared.model_files import resolve_model
+from shared.process import install_stop_handler, parent_watchdog
+from worker.device import DeviceInfo
+from worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the crash tests: raise inside the forward pass of this step.
+_FAIL_AT_STEP_ENV = "LOOMSERVE_INJECT_FAILURE_AT_STEP"
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig, model_path: Path) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = DeviceInfo.resolve(config)
+        self.runner = ModelRunner(config, model_path, device)
+        self.device_name = device.describe()
+        self.model_name = model_path.name if config.load_format != "dummy" else str(config.model)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(config.scheduler_address)
+        self._encoder = m.encoder()
+        self._stopping = False
+        fail_at = os.environ.get(_FAIL_AT_STEP_ENV)
+        self._fail_at_step = int(fail_at) if fail_at else None
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _send(self, msg: m.WorkerReady | m.StepResult | m.WorkerFailure) -> None:
+        self._sock.send(self._encoder.encode(msg))
+
+    def _register(self) -> None:
+        self._send(m.WorkerReady(
+            rank=self.config.rank,
+            world_size=1,
+            num_kv_blocks=self.runner.num_blocks,
+            block_size=self.runner.block_size,
+            max_model_len=self.runner.max_model_len,
+            model=self.model_name,
+            device=self.device_name,
+        ))
+        log.info("worker ready on %s: %d KV blocks of %d tokens; registered with %s",
+                 self.device_name, self.runner.num_blocks, self.runner.block_size,
+                 self.config.scheduler_address)
+
+    def run(self) -> None:
+        self._register()
+        while not self._stopping:
+            if not self._sock.poll(200):
+                continue
+            frame = self._sock.recv()
+            try:
+                msg = m.scheduler_to_worker.decode(frame)
+            except msgspec.DecodeError as e:
+                log.warning("dropped an undecodable scheduler frame (%d bytes): %s", len(frame), e)
+                continue
+            if isinstance(msg, m.Shutdown):
+                log.info("shutdown requested by the scheduler")
+                return
+            self._step(msg)
+
+    def _step(self, plan: m.BatchPlan) -> None:
+        try:
+            if self._fail_at_step is not None and plan.step_id == self._fail_at_step:
+                self._fail_at_step = None
+                raise RuntimeError(f"failure injected at step {plan.step_id} ({_FAIL_AT_STEP_ENV})")
+            result = self.runner.execute(plan)
+        except Exception as e:
+            log.exception("step %d failed", plan.step_id)
+            self._send(m.WorkerFailure(self.config.rank, f"{type(e).__name__}: {e}"))
+            self.runner.reset()
+            self._register()
+            return
+        self._send(result)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def serve_worker(config: WorkerConfig) -> None:
+    model_path = resolve_model(config.model) if config.load_format != "dummy" else Path(str(config.model))
+    server = WorkerServer(config, model_path)
+    install_stop_handler(server.stop)
+    parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), server.stop)
+    try:
+        server.run()
+    finally:
+        server.close()
+        log.info("worker stopped")
