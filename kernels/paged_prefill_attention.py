@@ -1,0 +1,328 @@
+"""Prefill / extend attention over a paged KV cache, several sequences per launch.
+
+Sequence ``b`` owns query rows ``query_start_loc[b]:query_start_loc[b + 1]`` of the
+flattened batch; its ``seq_lens[b]`` context tokens, the new ones included, are
+already in the cache (see ``worker.attention.base``). New token ``j`` sits at
+context position ``prefix_len + j`` (``prefix_len = seq_len - query_len``) and
+attends to positions ``<= prefix_len + j``: the whole prefix plus the new tokens
+up to itself. Every key and value is read through the sequence's block table.
+
+One program computes ``BLOCK_M`` query rows of one sequence for one query head,
+streaming the context in ``BLOCK_N``-token tiles with an online softmax in fp32
+(exp2 domain). Tiles wholly before the program's first query position need no
+causal mask, so they run in a separate loop without it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import (
+    FLOAT_DTYPES,
+    check_devices,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_same_dtype,
+    check_shape,
+    is_interpreted,
+)
+
+
+@triton.jit
+def _prefill_tile(  # type: ignore[no-untyped-def]
+    q,  # (BLOCK_M, BLOCK_D) queries of this program
+    m_i,  # (BLOCK_M,) running max, exp2 domain
+    l_i,  # (BLOCK_M,) running denominator
+    acc,  # (BLOCK_M, BLOCK_D) running numerator, fp32
+    k_cache_ptr,
+    v_cache_ptr,
+    block_row_ptr,  # this sequence's block-table row
+    n_start,
+    kv_head,
+    query_pos,  # (BLOCK_M,) context position of each query row
+    seq_len,
+    scale_log2e,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    BLOCK_SIZE: tl.constexpr,
+    offs_n,
+    offs_d,
+    mask_d,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pos = n_start + offs_n  # (BLOCK_N,) context positions of this tile
+    if CAUSAL:
+        in_seq = pos < seq_len
+        phys = tl.load(block_row_ptr + pos // BLOCK_SIZE, mask=in_seq, other=0)
+        kv_mask = in_seq[:, None] & mask_d[None, :]
+    else:
+        # Callers only run unmasked tiles that lie wholly inside the context.
+        phys = tl.load(block_row_ptr + pos // BLOCK_SIZE)
+        kv_mask = mask_d[None, :]
+    # int64: block index times block stride can pass 2**31 on large caches.
+    row_off = (
+        phys.to(tl.int64) * stride_cache_block
+        + (pos % BLOCK_SIZE) * stride_cache_slot
+        + kv_head * stride_cache_head
+    )
+    kv_off = row_off[:, None] + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (M, N)
+    if CAUSAL:
+        visible = (pos[None, :] <= query_pos[:, None]) & in_seq[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    scale_log2e,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_block_table,
+    head_dim,
+    BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr makes // and % cheap
+    GROUP: tl.constexpr,  # query heads per kv head
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    m_start = m_block * BLOCK_M
+    # The grid is sized for the longest query; shorter sequences leave programs idle.
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = seq_len - q_len
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < head_dim
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    query_pos = prefix_len + offs_m
+    block_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_block_table
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Positions below prefix_len + m_start are visible to every row of this program.
+    unmasked_end = (prefix_len + m_start) // BLOCK_N * BLOCK_N
+    for n_start in range(0, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_row_ptr, n_start, kv_head,
+            query_pos, seq_len, scale_log2e, stride_cache_block, stride_cache_slot,
+            stride_cache_head, BLOCK_SIZE, offs_n, offs_d, mask_d,
+            CAUSAL=False, DOT_PRECISION=DOT_PRECISION,
+        )
+    # The remaining tiles straddle the diagonal (or the end of the context).
+    masked_end = tl.minimum(seq_len, prefix_len + m_start + BLOCK_M)
+    for n_start in range(unmasked_end, masked_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_row_ptr, n_start, kv_head,
+            query_pos, seq_len, scale_log2e, stride_cache_block, stride_cache_slot,
+            stride_cache_head, BLOCK_SIZE, offs_n, offs_d, mask_d,
+            CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
+        )
+
+    # Every valid row saw at least key 0, so l_i > 0 there.
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+def _launch_config(
+    head_dim: int, max_query_len: int, dtype: torch.dtype, interpreted: bool
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+    if interpreted:
+        # The interpreter runs every tile op in numpy: small tiles keep tests fast.
+        return 16, 16, 1, 1
+    # Short queries (chunked prefill tails, decode rows of mixed batches) would waste
+    # most rows of a 128-row tile, so the tile shrinks with the longest query.
+    block_m = min(128, max(16, triton.next_power_of_2(max_query_len)))
+    if head_dim > 128 or dtype == torch.float32:
+        # Wider rows or 4-byte elements: smaller tiles stay within shared memory.
+        return min(block_m, 64), 32, 4, 2
+    # 4 warps on a 128-row tile need over 200 registers a thread (compiled for sm_90).
+    return block_m, 64, 8 if block_m == 128 else 4, 2
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # (T, H, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KVH, D)
+    query_start_loc: torch.Tensor,  # (B + 1,) int32
+    seq_lens: torch.Tensor,  # (B,) int32, cached + new
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    scale: float,
+    max_query_len: int,
+    out: torch.Tensor | None = None,  # (T, H, D)
+) -> torch.Tensor:  # (T, H, D)
+    """Causal attention of every new token over its sequence's paged context.
+
+    ``max_query_len`` (a host int, no sync) must be at least every sequence's
+    query length. Rows of ``out`` outside ``query_start_loc[0]:query_start_loc[-1]``
+    are left untouched.
+    """
+    check_shape("q", q, (None, None, None))
+    num_tokens, num_heads, head_dim = q.shape
+    check_shape("kv_cache", kv_cache, (2, None, None, None, head_dim))
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    check_shape("seq_lens", seq_lens, (None,))
+    num_seqs = seq_lens.shape[0]
+    check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
+    check_shape("block_tables", block_tables, (num_seqs, None))
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_same_dtype(q=q, kv_cache=kv_cache)
+    for name, index in (
+        ("query_start_loc", query_start_loc),
+        ("seq_lens", seq_lens),
+        ("block_tables", block_tables),
+    ):
+        check_dtype(name, index, (torch.int32,))
+    if out is None:
+        out = torch.empty_like(q)
+    check_shape("out", out, (num_tokens, num_heads, head_dim))
+    check_same_dtype(q=q, out=out)
+    for name, tensor in (("q", q), ("kv_cache", kv_cache), ("out", out)):
+        check_last_dim_contiguous(name, tensor)
+    if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dimension")
+    check_devices(
+        _paged_prefill_kernel,
+        q=q,
+        kv_cache=kv_cache,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        out=out,
+    )
+    if max_query_len < 0:
+        raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
+    if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
+        return out
+
+    interpreted = is_interpreted(_paged_prefill_kernel)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        head_dim, max_query_len, q.dtype, interpreted
+    )
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    _paged_prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        head_dim,
+        BLOCK_SIZE=kv_cache.shape[2],
+        GROUP=num_heads // num_kv_heads,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        # tl.dot needs every tile dimension to be at least 16.
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        # fp32 inputs would otherwise go through TF32 on the GPU; 16-bit ones ignore it.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def gather_context(
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KVH, D)
+    block_table_row: torch.Tensor,  # (max_blocks,)
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x (seq_len, KVH, D)
+    """Keys and values of the first ``seq_len`` context positions of one sequence."""
+    block_size = kv_cache.shape[2]
+    blocks = block_table_row[: triton.cdiv(seq_len, block_size)].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,  # (T, H, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KVH, D)
+    query_start_loc: torch.Tensor,  # (B + 1,)
+    seq_lens: torch.Tensor,  # (B,)
+    block_tables: torch.Tensor,  # (B, max_blocks)
+    scale: float,
+) -> torch.Tensor:  # (T, H, D) float32
+    """Torch reference of :func:`paged_prefill_attention`, computed in fp32.
+
+    Rows outside every sequence are zero.
+    """
+    num_heads = q.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    starts = query_start_loc.tolist()
+    for seq, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[seq], starts[seq + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k, v = gather_context(kv_cache, block_tables[seq], seq_len)
+        group = num_heads // k.shape[1]
+        k = k.float().repeat_interleave(group, dim=1)  # (S, H, D)
+        v = v.float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale  # (H, q, S)
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        key_pos = torch.arange(seq_len, device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+    return out

@@ -1,0 +1,126 @@
+"""Write the new tokens' keys and values into their paged KV-cache slots.
+
+Slot ``s`` is offset ``s % block_size`` of block ``s // block_size``; slot -1 marks a
+padding token that must not be written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_devices,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_same_dtype,
+    check_shape,
+)
+
+
+@triton.jit
+def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    block_size,
+    head_dim,
+    BLOCK_D: tl.constexpr,
+):
+    # One program copies one (token, kv head) row of head_dim elements.
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    key = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs_d, mask=mask_d)
+    value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d, mask=mask_d)
+    dst = (
+        (slot // block_size) * stride_cache_block
+        + (slot % block_size) * stride_cache_slot
+        + head * stride_cache_head
+        + offs_d
+    )
+    tl.store(k_cache_ptr + dst, key, mask=mask_d)
+    tl.store(v_cache_ptr + dst, value, mask=mask_d)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # (T, KVH, D)
+    value: torch.Tensor,  # (T, KVH, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KVH, D)
+    slot_mapping: torch.Tensor,  # (T,) int64 (int32 accepted), -1 = skip
+) -> None:
+    """Write ``key``/``value`` rows into ``kv_cache`` at ``slot_mapping``, in place.
+
+    Slots must be distinct (apart from -1) and below ``num_blocks * block_size``;
+    checking either would need a device sync, so the caller guarantees it.
+    """
+    check_shape("key", key, (None, None, None))
+    num_tokens, num_kv_heads, head_dim = key.shape
+    check_shape("value", value, (num_tokens, num_kv_heads, head_dim))
+    check_shape("kv_cache", kv_cache, (2, None, None, num_kv_heads, head_dim))
+    check_shape("slot_mapping", slot_mapping, (num_tokens,))
+    check_dtype("key", key, FLOAT_DTYPES)
+    check_same_dtype(key=key, value=value, kv_cache=kv_cache)
+    check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
+    for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
+        check_last_dim_contiguous(name, tensor)
+    check_devices(
+        _reshape_and_cache_kernel,
+        key=key,
+        value=value,
+        kv_cache=kv_cache,
+        slot_mapping=slot_mapping,
+    )
+    if num_tokens == 0:
+        return
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_d = triton.next_power_of_2(head_dim)
+    _reshape_and_cache_kernel[(num_tokens, num_kv_heads)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        kv_cache.shape[2],
+        head_dim,
+        BLOCK_D=block_d,
+        num_warps=1 if block_d <= 128 else 2,
+    )
+
+
+def reshape_and_cache_ref(
+    key: torch.Tensor,  # (T, KVH, D)
+    value: torch.Tensor,  # (T, KVH, D)
+    kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KVH, D)
+    slot_mapping: torch.Tensor,  # (T,)
+) -> None:
+    """Torch reference of :func:`reshape_and_cache` (in place; syncs on the mask)."""
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0  # (T,)
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0, blocks, offsets] = key[keep]
+    kv_cache[1, blocks, offsets] = value[keep]

@@ -1,0 +1,51 @@
+"""The kernel benchmark's cases at tiny shapes, so every function it calls runs here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.kernels import LayerShape, format_table, main, run_all
+
+TINY = LayerShape("tiny", num_heads=4, num_kv_heads=2, head_dim=16, hidden=48, intermediate=40)
+
+
+def _call_once(fn):
+    fn()
+    return 1.0
+
+
+def test_all_cases_agree_with_references(device):
+    rows = run_all(
+        [TINY],
+        torch.float32,
+        device,
+        _call_once,
+        decode_cases=[(2, 21)],
+        prefill_cases=[(2, 5, 0), (1, 4, 7)],
+        token_cases=[3],
+        block_size=4,
+    )
+    kernels = {row["kernel"] for row in rows}
+    assert kernels == {
+        "decode_attention",
+        "prefill_attention",
+        "reshape_and_cache",
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rotary",
+        "silu_and_mul",
+    }
+    bad = [row for row in rows if not row["ok"]]
+    assert not bad, bad
+    table = format_table(rows)
+    assert "prefill_attention" in table and "FAIL" not in table
+    json.dumps(rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_main_needs_a_gpu(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "k.json")]) == 2
+    assert "CUDA" in capsys.readouterr().err

@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
+from kernels.reshape_and_cache import reshape_and_cache_ref
+from worker.attention.base import AttentionMetadata
+from worker.attention.triton_backend import TritonAttentionBackend
+
+
+def _run(batch, out=None):
+    return paged_prefill_attention(
+        batch.q,
+        batch.kv_cache,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        batch.scale,
+        batch.max_query_len,
+        out=out,
+    )
+
+
+def _ref(batch):
+    return paged_prefill_attention_ref(
+        batch.q,
+        batch.kv_cache,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.block_tables,
+        batch.scale,
+    )
+
+
+# (query_lens, prefix_lens): fresh prompts, prefixes that are and are not multiples of
+# the block size, a decode row inside a prefill batch, and a sequence with no new token.
+CPU_BATCHES = [
+    ([9], [0]),
+    ([20, 3, 1], [0, 7, 33]),
+    ([17, 0, 5], [16, 5, 18]),
+]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(2, 2), (4, 1), (8, 1)])
+@pytest.mark.parametrize("case", range(len(CPU_BATCHES)))
+def test_matches_reference(paged_batch, assert_close, num_heads, num_kv_heads, case):
+    query_lens, prefix_lens = CPU_BATCHES[case]
+    batch = paged_batch(
+        query_lens=query_lens,
+        prefix_lens=prefix_lens,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=32,
+        block_size=4 if case % 2 else 16,
+        dtype=torch.float32,
+        seed=case,
+    )
+    assert_close(_run(batch), _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize("seed", [100, 101, 102])
+def test_random_batches(paged_batch, assert_close, seed):
+    rng = random.Random(seed)
+    num_heads, num_kv_heads = rng.choice([(4, 4), (4, 1), (8, 1), (8, 2)])
+    num_seqs = rng.randint(1, 4)
+    batch = paged_batch(
+        query_lens=[rng.randint(1, 40) for _ in range(num_seqs)],
+        prefix_lens=[rng.choice([0, rng.randint(1, 60)]) for _ in range(num_seqs)],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=rng.choice([32, 64]),
+        block_size=rng.choice([4, 16]),
+        dtype=torch.float32,
+        seed=seed,
+    )
+    assert_close(_run(batch), _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_odd_head_dim_and_fp16(paged_batch, assert_close, seed):
+    # head_dim 40 pads to a 64-wide tile; fp16 exercises the 16-bit casts.
+    batch = paged_batch(
+        query_lens=[6, 18],
+        prefix_lens=[13, 2],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=40,
+        block_size=8,
+        dtype=torch.float16,
+        seed=seed,
+    )
+    assert_close(_run(batch), _ref(batch), 1e-2)
+
+
+def test_writes_into_out_and_leaves_other_rows(paged_batch, device):
+    batch = paged_batch(
+        query_lens=[3, 2],
+        prefix_lens=[4, 0],
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        block_size=4,
+        dtype=torch.float32,
+        seed=5,
+    )
+    out = torch.full((7, 2, 16), 7.0, device=device)  # 2 rows past the batch
+    result = _run(batch, out=out[:5])
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.all(out[5:] == 7.0)
+
+
+def test_rejects_bad_arguments(paged_batch):
+    batch = paged_batch(
+        query_lens=[2],
+        prefix_lens=[1],
+        num_heads=3,
+        num_kv_heads=1,
+        head_dim=16,
+        block_size=4,
+        dtype=torch.float32,
+        seed=0,
+    )
+    args = (batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, 1.0, 2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_prefill_attention(batch.q, batch.kv_cache[:, :, :, [0, 0]], *args[1:])
+    with pytest.raises(ValueError, match="kv_cache has dtype"):
+        paged_prefill_attention(batch.q.half(), *args)
+    qsl, seq_lens, tables = batch.query_start_loc, batch.seq_lens, batch.block_tables
+    with pytest.raises(ValueError, match="seq_lens has dtype"):
+        paged_prefill_attention(batch.q, batch.kv_cache, qsl, seq_lens.long(), tables, 1.0, 2)
+    with pytest.raises(ValueError, match="query_start_loc has shape"):
+        paged_prefill_attention(batch.q, batch.kv_cache, qsl[:1], seq_lens, tables, 1.0, 2)
+    with pytest.raises(ValueError, match="max_query_len"):
+        paged_prefill_attention(batch.q, batch.kv_cache, qsl, seq_lens, tables, 1.0, -1)
+
+
+def _metadata(batch, num_padding: int) -> AttentionMetadata:
+    return AttentionMetadata(
+        query_start_loc=batch.query_start_loc,
+        seq_lens=batch.seq_lens,
+        block_tables=batch.block_tables,
+        slot_mapping=torch.cat(
+            [batch.slot_mapping, batch.slot_mapping.new_full((num_padding,), -1)]
+        ),
+        max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len,
+        query_start_loc_cpu=batch.query_start_loc.tolist(),
+        seq_lens_cpu=batch.seq_lens.tolist(),
+    )
+
+
+def _backend_case(batch, num_padding: int, seed: int):
+    """New k/v for every token of ``batch`` plus padding rows; expected cache and output."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens = batch.q.shape[0] + num_padding
+    _, num_heads, head_dim = batch.q.shape
+    num_kv_heads = batch.kv_cache.shape[3]
+    device, dtype = batch.q.device, batch.q.dtype
+    q = torch.randn((num_tokens, num_heads, head_dim), generator=gen).to(dtype).to(device)
+    k = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(dtype).to(device)
+    v = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(dtype).to(device)
+    meta = _metadata(batch, num_padding)
+    expected_cache = batch.kv_cache.clone()
+    reshape_and_cache_ref(k, v, expected_cache, meta.slot_mapping)
+    expected = paged_prefill_attention_ref(
+        q, expected_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale
+    )
+    return q, k, v, meta, expected_cache, expected
+
+
+@pytest.mark.parametrize("num_padding", [0, 3])
+def test_backend_mixed_batch(paged_batch, assert_close, num_padding):
+    batch = paged_batch(
+        query_lens=[7, 1, 12, 1],
+        prefix_lens=[5, 20, 0, 3],
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=32,
+        block_size=4,
+        dtype=torch.float32,
+        seed=11,
+    )
+    q, k, v, meta, expected_cache, expected = _backend_case(batch, num_padding, seed=12)
+    backend = TritonAttentionBackend(4, 1, 32, batch.scale)
+    out = backend.forward(q, k, v, batch.kv_cache, meta)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert_close(out, expected, 1e-4)
+    assert torch.all(out[q.shape[0] - num_padding :] == 0)
+
+
+def _random_gpu_batch(paged_batch, rng, num_heads, num_kv_heads, head_dim, dtype, seed):
+    num_seqs = rng.randint(1, 12)
+    query_lens = [rng.choice([1, rng.randint(2, 64), rng.randint(64, 700)]) for _ in range(num_seqs)]
+    prefix_lens = [rng.choice([0, rng.randint(1, 4000)]) for _ in range(num_seqs)]
+    prefix_lens[0] = 16 * rng.randint(1, 40) + rng.randint(1, 15)  # never block-aligned
+    return paged_batch(
+        query_lens=query_lens,
+        prefix_lens=prefix_lens,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=16,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 32), (32, 8), (32, 4), (16, 2)])
+def test_gpu_real_shapes(paged_batch, assert_close, seed, dtype, head_dim, num_heads, num_kv_heads):
+    rng = random.Random(seed * 1000 + head_dim + num_kv_heads)
+    batch = _random_gpu_batch(paged_batch, rng, num_heads, num_kv_heads, head_dim, dtype, seed)
+    assert_close(_run(batch), _ref(batch), 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_fp32(paged_batch, assert_close, head_dim):
+    rng = random.Random(head_dim)
+    batch = _random_gpu_batch(paged_batch, rng, 32, 8, head_dim, torch.float32, 9)
+    assert_close(_run(batch), _ref(batch), 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefix_len", [0, 1000, 4099])
+def test_gpu_long_prompt(paged_batch, assert_close, prefix_len):
+    batch = paged_batch(
+        query_lens=[4096],
+        prefix_lens=[prefix_len],
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        seed=prefix_len,
+    )
+    assert_close(_run(batch), _ref(batch), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_mixed_batch(paged_batch, assert_close):
+    batch = paged_batch(
+        query_lens=[300, 1, 1, 77, 1],
+        prefix_lens=[0, 2000, 17, 530, 4095],
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        seed=21,
+    )
+    q, k, v, meta, expected_cache, expected = _backend_case(batch, 5, seed=22)
+    out = TritonAttentionBackend(32, 8, 128, batch.scale).forward(q, k, v, batch.kv_cache, meta)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert_close(out, expected, 1e-2)

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+
+
+def _random_case(
+    num_tokens: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    num_blocks: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    num_skipped: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # k and v as strided slices of one fused projection, like the model produces them.
+    kv = torch.randn((num_tokens, 2, num_kv_heads, head_dim), generator=gen).to(dtype)
+    cache = torch.randn((2, num_blocks, block_size, num_kv_heads, head_dim), generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=gen)[:num_skipped]] = -1
+    kv = kv.to(device)
+    return kv[:, 0], kv[:, 1], cache.to(dtype).to(device), slots.to(device)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(seed: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    key, value, cache, slots = _random_case(13, 2, 24, block_size, 7, dtype, device, seed, 3)
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache, expected)
+
+
+def test_skip_slots_leave_cache_untouched(device: torch.device):
+    key, value, cache, slots = _random_case(5, 1, 16, 4, 3, torch.float32, device, 0, 0)
+    slots[:] = -1
+    before = cache.clone()
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache, before)
+
+
+def test_int32_slots_and_empty_batch(device: torch.device):
+    key, value, cache, slots = _random_case(6, 2, 16, 4, 4, torch.float32, device, 2, 1)
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots.to(torch.int32))
+    assert torch.equal(cache, expected)
+    reshape_and_cache(key[:0], value[:0], cache, slots[:0])
+    assert torch.equal(cache, expected)
+
+
+def test_rejects_bad_arguments(device: torch.device):
+    key, value, cache, slots = _random_case(4, 2, 16, 4, 2, torch.float32, device, 0, 0)
+    with pytest.raises(ValueError, match="value has shape"):
+        reshape_and_cache(key, value[:, :1], cache, slots)
+    with pytest.raises(ValueError, match="kv_cache has dtype"):
+        reshape_and_cache(key, value, cache.half(), slots)
+    with pytest.raises(ValueError, match="slot_mapping has dtype"):
+        reshape_and_cache(key, value, cache, slots.float())
+    with pytest.raises(ValueError, match="kv_cache has shape"):
+        reshape_and_cache(key, value, cache[:, :, :, :1], slots)
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        reshape_and_cache(key.transpose(1, 2).contiguous().transpose(1, 2), value, cache, slots)
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="one device"):
+            reshape_and_cache(key, value, cache, slots.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(8, 128), (8, 64), (4, 128)])
+def test_gpu_real_shapes(dtype: torch.dtype, num_kv_heads: int, head_dim: int):
+    device = torch.device("cuda")
+    key, value, cache, slots = _random_case(
+        4096, num_kv_heads, head_dim, 16, 2048, dtype, device, 3, 100
+    )
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache, expected)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+
+
+def _inputs(num_tokens, num_heads, num_kv_heads, head_dim, max_position, dtype, device, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # q and k as strided views of one fused qkv output, as the model produces them.
+    qkv = torch.randn(
+        (num_tokens, num_heads + 2 * num_kv_heads, head_dim),
+        generator=gen,
+        device=device,
+        dtype=dtype,
+    )
+    q = qkv[:, :num_heads]
+    k = qkv[:, num_heads : num_heads + num_kv_heads]
+    positions = torch.randint(0, max_position, (num_tokens,), generator=gen, device=device)
+    inv_freq = 500000.0 ** (-torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    cos, sin = build_cos_sin_cache(inv_freq, max_position)
+    return qkv, q, k, positions, cos, sin
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 1, 16), (3, 3, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference(assert_close, device, seed, num_heads, num_kv_heads, head_dim, dtype):
+    qkv, q, k, positions, cos, sin = _inputs(
+        7, num_heads, num_kv_heads, head_dim, 64, dtype, device, seed
+    )
+    v_before = qkv[:, num_heads + num_kv_heads :].clone()
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, cos, sin)
+    apply_rotary(q, k, positions, cos, sin)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(q, ref_q, tol)
+    assert_close(k, ref_k, tol)
+    # The value slice of the fused tensor is left alone.
+    assert torch.equal(qkv[:, num_heads + num_kv_heads :], v_before)
+
+
+def test_matches_hf_rotate_half(device):
+    # Written out the Hugging Face way: cos/sin duplicated over both halves.
+    _, q, k, positions, cos, sin = _inputs(5, 2, 1, 8, 32, torch.float32, device, 3)
+    q_in = q.clone()
+    apply_rotary(q, k, positions, cos, sin)
+    cos_full = torch.cat([cos, cos], dim=-1)[positions][:, None]
+    sin_full = torch.cat([sin, sin], dim=-1)[positions][:, None]
+    rotated = torch.cat([-q_in[..., 4:], q_in[..., :4]], dim=-1)
+    torch.testing.assert_close(q, q_in * cos_full + rotated * sin_full)
+
+
+def test_int32_positions_and_bad_arguments(assert_close, device):
+    _, q, k, positions, cos, sin = _inputs(4, 2, 2, 16, 16, torch.float32, device, 4)
+    ref_q, _ = apply_rotary_ref(q, k, positions, cos, sin)
+    apply_rotary(q, k, positions.to(torch.int32), cos, sin)
+    assert_close(q, ref_q, 1e-5)
+    with pytest.raises(ValueError, match="cos has shape"):
+        apply_rotary(q, k, positions, cos[:, :4], sin)
+    with pytest.raises(ValueError, match="k has shape"):
+        apply_rotary(q, k[:2], positions, cos, sin)
+    with pytest.raises(ValueError, match="positions has dtype"):
+        apply_rotary(q, k, positions.float(), cos, sin)
+    with pytest.raises(ValueError, match="even"):
+        apply_rotary(q[..., :15], k[..., :15], positions, cos, sin)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (32, 8, 64)])
+@pytest.mark.parametrize("num_tokens", [1, 300, 8192])
+def test_gpu_real_shapes(assert_close, dtype, num_heads, num_kv_heads, head_dim, num_tokens):
+    device = torch.device("cuda")
+    _, q, k, positions, cos, sin = _inputs(
+        num_tokens, num_heads, num_kv_heads, head_dim, 131072, dtype, device, num_tokens
+    )
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, cos, sin)
+    apply_rotary(q, k, positions, cos, sin)
+    assert_close(q, ref_q, 1e-2)
+    assert_close(k, ref_k, 1e-2)
