@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ class PreparedRequest:
     priority: int
     return_token_ids: bool
     tokens_as_ids: bool
+    queue_timeout_s: float | None
 
 
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -117,6 +119,7 @@ class Gateway:
             "kv_blocks_free": status.num_free_blocks,
             "num_running": status.num_running,
             "num_waiting": status.num_waiting,
+            "num_preemptions": status.num_preemptions,
             "max_model_len": status.max_model_len,
         })
 
@@ -249,6 +252,7 @@ class Gateway:
             priority=req.priority,
             return_token_ids=req.return_token_ids,
             tokens_as_ids=req.return_tokens_as_token_ids,
+            queue_timeout_s=req.queue_timeout,
         )
 
     def _prepare_completion(self, req: CompletionRequest) -> PreparedRequest:
@@ -304,10 +308,11 @@ class Gateway:
                     sampling=prep.sampling[c],
                     arrival_time=now,
                     priority=prep.priority,
+                    queue_timeout_s=prep.queue_timeout_s,
                 )))
         return out
 
-    async def _merged(self, prep: PreparedRequest) -> AsyncIterator[ChoiceDelta]:
+    async def _merged(self, prep: PreparedRequest) -> AsyncGenerator[ChoiceDelta, None]:
         """Deltas of every choice, as they come."""
         queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
         engine_requests = self._engine_requests(prep)
@@ -340,7 +345,19 @@ class Gateway:
     async def _serve(self, request: Request, prep: PreparedRequest) -> Response:
         headers = {"x-request-id": prep.response_id}
         if prep.stream:
-            return SSEResponse(self._stream(prep), headers)
+            # The response starts only once the engine took the request and produced
+            # a first delta, so a refusal (queue full, context too long) is a plain
+            # HTTP error with its status and headers, not an event in a 200 stream.
+            deltas = self._merged(prep)
+            try:
+                first = await race_disconnect(request.receive, anext(deltas))
+            except ClientDisconnected:
+                await deltas.aclose()
+                return Response(status_code=499)
+            except BaseException:
+                await deltas.aclose()
+                raise
+            return SSEResponse(self._stream(prep, first, deltas), headers)
         try:
             results = await race_disconnect(request.receive, self._collect(prep))
         except ClientDisconnected:
@@ -395,7 +412,8 @@ class Gateway:
             "usage": self._usage(prep, sum(len(r.token_ids) for r in results)),
         }
 
-    async def _stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
+    async def _stream(self, prep: PreparedRequest, first: ChoiceDelta,
+                      rest: AsyncGenerator[ChoiceDelta, None]) -> AsyncIterator[bytes]:
         created = int(time.time())
         kind = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
         base = {"id": prep.response_id, "object": kind, "created": created, "model": self.model.name}
@@ -405,7 +423,7 @@ class Gateway:
                 yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
         try:
-            async for delta in self._merged(prep):
+            async for delta in _chain(first, rest):
                 completion_tokens += len(delta.token_ids)
                 if (not delta.text and delta.finish_reason is None and not prep.want_logprobs
                         and not prep.return_token_ids):
@@ -431,6 +449,15 @@ class Gateway:
         yield _DONE
 
 
+async def _chain(first: ChoiceDelta, rest: AsyncGenerator[ChoiceDelta, None]) -> AsyncIterator[ChoiceDelta]:
+    try:
+        yield first
+        async for delta in rest:
+            yield delta
+    finally:
+        await rest.aclose()
+
+
 def _error_handlers() -> dict[Any, Callable[..., Any]]:
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -438,8 +465,9 @@ def _error_handlers() -> dict[Any, Callable[..., Any]]:
 
     async def engine_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EngineError)
-        return _json_response(exc.error.status, APIError(exc.error.status, exc.error.message,
-                                                         type=exc.error.type).body())
+        error = exc.error
+        headers = {} if error.retry_after_s is None else {"retry-after": str(math.ceil(error.retry_after_s))}
+        return _json_response(error.status, APIError(error.status, error.message, type=error.type).body(), headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

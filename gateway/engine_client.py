@@ -49,6 +49,7 @@ class EngineClient:
         self._streams: dict[str, asyncio.Queue[m.RequestOutput]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._nonce = itertools.count(1)
+        self._control: dict[int, asyncio.Future[m.ControlReply]] = {}
         self.status: m.SchedulerStatus | None = None
         self._status_time = 0.0
 
@@ -110,6 +111,19 @@ class EngineClient:
         with contextlib.suppress(zmq.ZMQError):
             await self._sock.send(self._encoder.encode(m.AbortRequest(request_ids)))
 
+    async def reset_prefix_cache(self, timeout_s: float = 5.0) -> m.ControlReply:
+        """Ask the scheduler to forget every cached prefix block."""
+        nonce = next(self._nonce)
+        waiter: asyncio.Future[m.ControlReply] = asyncio.get_running_loop().create_future()
+        self._control[nonce] = waiter
+        try:
+            await self._sock.send(self._encoder.encode(m.ResetPrefixCache(nonce)))
+            return await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return m.ControlReply(nonce, False, "the scheduler did not answer")
+        finally:
+            self._control.pop(nonce, None)
+
     def _fail_all(self, message: str) -> None:
         error = m.ErrorInfo(503, message, "engine_error")
         for request_id, queue in self._streams.items():
@@ -128,6 +142,11 @@ class EngineClient:
             if isinstance(msg, m.SchedulerStatus):
                 self.status = msg
                 self._status_time = time.monotonic()
+                continue
+            if isinstance(msg, m.ControlReply):
+                waiter = self._control.pop(msg.nonce, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
                 continue
             for out in msg.outputs:
                 queue = self._streams.get(out.request_id)

@@ -66,6 +66,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     priority: int = 0
     return_token_ids: bool = False  # extension: each choice carries its output token ids
     return_tokens_as_token_ids: bool = False  # extension: logprobs name tokens "token_id:N"
+    queue_timeout: float | None = None  # extension: seconds the request may wait before it starts
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -150,6 +151,9 @@ def validate_sampling(req: _SamplingFields, max_tokens: int | None) -> None:
     for s in stops:
         _check(0 < len(s) <= MAX_STOP_LENGTH,
                f"each stop string must have 1 to {MAX_STOP_LENGTH} characters", "stop")
+    if req.queue_timeout is not None:
+        _check(math.isfinite(req.queue_timeout) and req.queue_timeout > 0, "queue_timeout must be positive seconds",
+               "queue_timeout")
     if req.seed is not None:
         _check(-(2**63) <= req.seed < 2**64, "seed must fit in 64 bits", "seed")
     if req.logit_bias:

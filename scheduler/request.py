@@ -28,7 +28,8 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0  # seconds; orders the queue (wall clock of the receiving gateway)
+    queue_deadline: float | None = None  # same clock: fail if still waiting (never started) then
     priority: int = 0
     cache_salt: str = ""
     traceparent: str | None = None

@@ -82,6 +82,10 @@ class Scheduler:
         self._finished_since_plan: list[str] = []
         # Requests whose full data the worker holds (sent once in new_requests).
         self._known_to_worker: set[str] = set()
+        # Admitted (or re-admitted after preemption) but not yet sent as new data.
+        self._needs_full_data: set[str] = set()
+        # Block ids allocated to a running request that no plan has carried yet.
+        self._unsent_blocks: dict[str, list[int]] = {}
 
     # -- admission and abort -------------------------------------------------
 
@@ -107,6 +111,15 @@ class Scheduler:
                 f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
                 f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
             ))
+        queued, queued_tokens = len(self.waiting), self.waiting.num_tokens
+        if queued >= self.config.max_waiting_requests or queued_tokens + prompt_len > self.config.max_waiting_tokens:
+            raise AdmissionError(ErrorInfo(
+                503,
+                f"the queue is full ({queued} requests, {queued_tokens} prompt tokens waiting; limits "
+                f"{self.config.max_waiting_requests} and {self.config.max_waiting_tokens}); retry later",
+                type="queue_full",
+                retry_after_s=self.config.queue_full_retry_after_s,
+            ))
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.push(request)
@@ -121,6 +134,19 @@ class Scheduler:
             outputs.append(self._finish(request, "abort"))
         return outputs
 
+    def expire_waiting(self, now: float) -> list[RequestOutput]:
+        """End requests that waited past their queue deadline (never started ones only)."""
+        expired = [r for r in self.waiting if r.queue_deadline is not None and now >= r.queue_deadline
+                   and r.status is RequestStatus.WAITING]
+        outputs = []
+        for request in expired:
+            waited = now - request.arrival_time
+            self._finish(request, "error")
+            outputs.append(RequestOutput(request.request_id, [], "error", error=ErrorInfo(
+                503, f"the request waited {waited:.1f} s in the queue, past its queue timeout; retry later",
+                type="queue_timeout", retry_after_s=self.config.queue_full_retry_after_s)))
+        return outputs
+
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error (the worker group is gone)."""
         error = ErrorInfo(503, message, type="engine_error")
@@ -130,6 +156,8 @@ class Scheduler:
             outputs.append(RequestOutput(request.request_id, [], "error", error=error))
         self._known_to_worker.clear()
         self._finished_since_plan.clear()
+        self._needs_full_data.clear()
+        self._unsent_blocks.clear()
         return outputs
 
     # -- one step ------------------------------------------------------------
@@ -141,8 +169,7 @@ class Scheduler:
         """Choose this step's tokens; None when there is nothing to compute."""
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
-        new_blocks: dict[str, list[int]] = {}
-        preempted_now = False
+        preemptions_before = self.stats.num_preemptions
 
         decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
@@ -154,23 +181,25 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             blocks = self._allocate_or_preempt(request, num_new, scheduled)
             if blocks is None:
-                preempted_now = True
                 continue
-            if request.status is not RequestStatus.RUNNING:
-                continue
+            self._unsent_blocks[request.request_id] += blocks
             scheduled[request.request_id] = num_new
-            new_blocks[request.request_id] = blocks
             budget -= num_new
 
-        new_requests: list[NewRequestData] = []
-        # After a preemption this step, admitting would only evict again.
-        while budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs:
+        # After a preemption this step, admitting would only evict again. A static
+        # batch admits only into an empty engine, and admits its whole batch even
+        # when the budget is spent: the rest of the prompts are prefilled next steps.
+        static = self.config.batching == "static"
+        preempted_now = self.stats.num_preemptions > preemptions_before
+        admitting = not preempted_now and not (static and self.running)
+        while admitting and len(self.running) < self.config.max_num_seqs and (budget > 0 or static):
             head = self.waiting.peek()
             if head is None:
                 break
             computed_blocks, num_computed = self.kv_cache.get_computed_blocks(head)
             num_new = min(head.num_tokens - num_computed, budget)
-            if self.kv_cache.allocate_slots(head, num_new, computed_blocks) is None:
+            blocks = self.kv_cache.allocate_slots(head, num_new, computed_blocks)
+            if blocks is None:
                 break  # head of line waits for blocks; later arrivals do not jump it
             self.waiting.pop()
             if head.num_preemptions == 0:
@@ -178,25 +207,33 @@ class Scheduler:
             head.num_computed_tokens = num_computed
             head.status = RequestStatus.RUNNING
             self.running.append(head)
-            scheduled[head.request_id] = num_new
-            budget -= num_new
-            new_requests.append(NewRequestData(
-                request_id=head.request_id,
-                token_ids=list(head.token_ids),
-                sampling=head.sampling,
-                block_ids=self.kv_cache.get_block_ids(head.request_id),
-                num_computed_tokens=num_computed,
-                traceparent=head.traceparent,
-            ))
-            self._known_to_worker.add(head.request_id)
+            self._unsent_blocks[head.request_id] = blocks
+            self._needs_full_data.add(head.request_id)
+            if num_new:
+                scheduled[head.request_id] = num_new
+                budget -= num_new
 
         if not scheduled:
             return None
-        cached_requests = [
-            CachedRequestData(rid, new_blocks[rid], self.requests[rid].num_computed_tokens)
-            for rid in scheduled
-            if rid in new_blocks
-        ]
+        new_requests: list[NewRequestData] = []
+        cached_requests: list[CachedRequestData] = []
+        for rid in scheduled:
+            request = self.requests[rid]
+            blocks = self._unsent_blocks[rid]
+            self._unsent_blocks[rid] = []
+            if rid in self._needs_full_data:
+                self._needs_full_data.discard(rid)
+                self._known_to_worker.add(rid)
+                new_requests.append(NewRequestData(
+                    request_id=rid,
+                    token_ids=list(request.token_ids),
+                    sampling=request.sampling,
+                    block_ids=blocks,
+                    num_computed_tokens=request.num_computed_tokens,
+                    traceparent=request.traceparent,
+                ))
+            else:
+                cached_requests.append(CachedRequestData(rid, blocks, request.num_computed_tokens))
         self._step_id += 1
         self.stats.num_steps += 1
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
@@ -231,6 +268,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.running.remove(request)
+        del self._unsent_blocks[request.request_id]
+        self._needs_full_data.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -284,6 +323,8 @@ class Scheduler:
     def _finish(self, request: Request, reason: str) -> RequestOutput:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+            del self._unsent_blocks[request.request_id]
+            self._needs_full_data.discard(request.request_id)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
         self.kv_cache.free(request)

@@ -34,6 +34,7 @@ from shared.config import SchedulerConfig
 log = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S = 10.0
+_EXPIRY_INTERVAL_S = 0.1
 
 
 class SchedulerServer:
@@ -63,6 +64,7 @@ class SchedulerServer:
         self._stopping = False
         self._last_stats = time.monotonic()
         self._tokens_since_stats = 0
+        self._next_expiry_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -101,6 +103,7 @@ class SchedulerServer:
                 self._drain_workers()
             if self._gateway_sock in events:
                 self._drain_gateways()
+            self._expire_waiting()
             self._log_stats()
 
     def _can_step(self) -> bool:
@@ -124,10 +127,20 @@ class SchedulerServer:
                 continue
             if isinstance(msg, m.StatusQuery):
                 self._send_gateway(routing_id, self._status(msg.nonce))
+            elif isinstance(msg, m.ResetPrefixCache):
+                self._send_gateway(routing_id, self._reset_prefix_cache(msg.nonce))
             elif self._in_flight is not None:
                 self._deferred.append((routing_id, msg))
             else:
                 self._apply(routing_id, msg)
+
+    def _reset_prefix_cache(self, nonce: int) -> m.ControlReply:
+        if self.scheduler is None:
+            return m.ControlReply(nonce, False, "the worker group is not ready")
+        if self._in_flight is not None or not self.scheduler.kv_cache.reset_prefix_cache():
+            return m.ControlReply(nonce, False, "KV blocks are in use; retry when the engine is idle")
+        log.info("prefix cache reset")
+        return m.ControlReply(nonce, True)
 
     def _apply(self, routing_id: bytes, msg: m.AddRequest | m.AbortRequest) -> None:
         if isinstance(msg, m.AbortRequest):
@@ -143,11 +156,13 @@ class SchedulerServer:
         if self.scheduler is None:
             self._pending.append((routing_id, msg))
             return
+        queue_timeout = msg.queue_timeout_s if msg.queue_timeout_s is not None else self.config.queue_timeout_s
         request = Request(
             request_id=msg.request_id,
             prompt_token_ids=msg.prompt_token_ids,
             sampling=msg.sampling,
             arrival_time=msg.arrival_time,
+            queue_deadline=None if queue_timeout is None else time.time() + queue_timeout,
             priority=msg.priority,
             cache_salt=msg.tenant,
             traceparent=msg.traceparent,
@@ -177,7 +192,7 @@ class SchedulerServer:
         for routing_id, outs in by_gateway.items():
             self._send_gateway(routing_id, m.RequestOutputs(outs))
 
-    def _send_gateway(self, routing_id: bytes, msg: m.RequestOutputs | m.SchedulerStatus) -> None:
+    def _send_gateway(self, routing_id: bytes, msg: m.SchedulerToGateway) -> None:
         try:
             self._gateway_sock.send_multipart([routing_id, self._encoder.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
@@ -198,6 +213,10 @@ class SchedulerServer:
             model=first.model if first else "",
             device=first.device if first else "",
             max_model_len=sched.max_model_len if sched else 0,
+            num_preemptions=sched.stats.num_preemptions if sched else 0,
+            prefix_cache_queries=sched.kv_cache.prefix_cache_queries if sched else 0,
+            prefix_cache_hits=sched.kv_cache.prefix_cache_hits if sched else 0,
+            num_steps=sched.stats.num_steps if sched else 0,
         )
 
     # -- workers -------------------------------------------------------------
@@ -301,6 +320,13 @@ class SchedulerServer:
         for routing_id, msg in deferred + pending:
             if isinstance(msg, m.AddRequest):
                 self._reject(routing_id, msg.request_id, error)
+
+    def _expire_waiting(self) -> None:
+        now = time.time()
+        if self.scheduler is None or now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + _EXPIRY_INTERVAL_S
+        self._publish(self.scheduler.expire_waiting(now))
 
     def _log_stats(self) -> None:
         now = time.monotonic()

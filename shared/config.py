@@ -32,6 +32,12 @@ class SchedulerConfig:
     max_num_seqs: int = _opt(256, "most sequences in one batch")
     max_num_batched_tokens: int = _opt(2048, "token budget of one step (decodes + prefill chunks)")
     policy: str = _opt("fcfs", "order of the waiting queue", choices=("fcfs", "priority"))
+    batching: str = _opt("continuous", "continuous (iteration-level) or static (whole batches, the naive baseline)",
+                         choices=("continuous", "static"))
+    max_waiting_requests: int = _opt(4096, "most requests in the waiting queue; more get 503 + Retry-After")
+    max_waiting_tokens: int = _opt(4_000_000, "most prompt tokens in the waiting queue; more get 503 + Retry-After")
+    queue_timeout_s: float | None = _opt(None, "fail a request still waiting after this long (default: never)")
+    queue_full_retry_after_s: float = _opt(1.0, "Retry-After sent with a 503 for a full queue")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
     world_size: int = _opt(1, "ranks in the worker group (tensor parallel size)")
     step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")

@@ -67,6 +67,7 @@ class ErrorInfo(_Data, frozen=True):
     status: int
     message: str
     type: str = "invalid_request_error"
+    retry_after_s: float | None = None
 
 
 # gateway -> scheduler ------------------------------------------------------
@@ -80,6 +81,7 @@ class AddRequest(_Msg, frozen=True):
     priority: int = 0
     tenant: str = ""
     traceparent: str | None = None
+    queue_timeout_s: float | None = None
 
 
 class AbortRequest(_Msg, frozen=True):
@@ -92,7 +94,13 @@ class StatusQuery(_Msg, frozen=True):
     nonce: int
 
 
-GatewayToScheduler = AddRequest | AbortRequest | StatusQuery
+class ResetPrefixCache(_Msg, frozen=True):
+    """Forget every cached prefix block; answered by ``ControlReply``."""
+
+    nonce: int
+
+
+GatewayToScheduler = AddRequest | AbortRequest | StatusQuery | ResetPrefixCache
 
 
 # scheduler -> gateway ------------------------------------------------------
@@ -126,9 +134,19 @@ class SchedulerStatus(_Msg, frozen=True):
     model: str = ""
     device: str = ""
     max_model_len: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_steps: int = 0
 
 
-SchedulerToGateway = RequestOutputs | SchedulerStatus
+class ControlReply(_Msg, frozen=True):
+    nonce: int
+    ok: bool
+    message: str = ""
+
+
+SchedulerToGateway = RequestOutputs | SchedulerStatus | ControlReply
 
 
 # scheduler -> worker -------------------------------------------------------

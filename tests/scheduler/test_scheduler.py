@@ -274,3 +274,64 @@ def test_many_random_requests_with_aborts_leave_nothing_behind() -> None:
         sched.kv_cache.check_invariants()
     run(sched, worker)
     assert_scheduler_empty(sched)
+
+
+def test_static_batching_admits_the_next_batch_only_when_the_whole_batch_ended() -> None:
+    sched, worker = make(max_seqs=3, budget=8)
+    sched.config = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=3, batching="static")
+    lengths = [2, 9, 4, 3, 3, 3]
+    for i, n in enumerate(lengths):
+        sched.add_request(request(f"r{i}", [i + 1] * 6, n, arrival=i))
+    outputs = run(sched, worker)
+    batches = [set(b) for b in sched.stats.batch_history]
+    first, second = {"r0", "r1", "r2"}, {"r3", "r4", "r5"}
+    end_of_first = max(i for i, b in enumerate(batches) if b & first)
+    start_of_second = min(i for i, b in enumerate(batches) if b & second)
+    assert start_of_second == end_of_first + 1
+    assert all(b <= first or b <= second for b in batches)
+    # r1 runs alone after r0 and r2 ended: the slots of a static batch stay empty
+    assert batches[end_of_first] == {"r1"}
+    # the budget of 8 covers one prompt and a bit: the batch was still admitted whole
+    assert {"r0", "r1"} <= batches[0] and "r2" not in batches[0]
+    cont, cont_worker = make(max_seqs=3, budget=8)
+    for i, n in enumerate(lengths):
+        cont.add_request(request(f"r{i}", [i + 1] * 6, n, arrival=i))
+    assert run(cont, cont_worker) == outputs
+    assert len(cont.stats.batch_history) < len(sched.stats.batch_history)
+    assert_scheduler_empty(sched)
+
+
+def test_a_full_queue_refuses_with_503_and_retry_after() -> None:
+    sched, _ = make()
+    sched.config = SchedulerConfig(max_waiting_requests=2, max_waiting_tokens=100, queue_full_retry_after_s=3.0)
+    sched.add_request(request("a", [1] * 10, 5))
+    sched.add_request(request("b", [1] * 10, 5))
+    with pytest.raises(AdmissionError) as full:
+        sched.add_request(request("c", [1] * 10, 5))
+    assert full.value.error.status == 503 and full.value.error.retry_after_s == 3.0
+    assert "queue is full" in full.value.error.message
+    sched.abort_requests(["b"])
+    with pytest.raises(AdmissionError, match="prompt tokens waiting"):
+        sched.add_request(request("big", [1] * 95, 5))
+    sched.add_request(request("c", [1] * 10, 5))
+    sched.abort_requests(["a", "c"])
+    assert_scheduler_empty(sched)
+
+
+def test_queue_timeout_fails_requests_that_never_started() -> None:
+    sched, worker = make(max_seqs=1)
+    started = request("started", [1, 2], 50)
+    sched.add_request(started)
+    plan = sched.schedule()
+    assert plan is not None
+    sched.update_from_output(plan, worker.execute(plan))
+    late = request("late", [3, 4], 5, arrival=100.0)
+    late.queue_deadline = 110.0
+    sched.add_request(late)
+    assert sched.expire_waiting(now=105.0) == []
+    expired = sched.expire_waiting(now=111.0)
+    assert [(o.request_id, o.finish_reason) for o in expired] == [("late", "error")]
+    assert expired[0].error is not None and expired[0].error.type == "queue_timeout"
+    assert "11.0 s" in expired[0].error.message
+    sched.abort_requests(["started"])
+    assert_scheduler_empty(sched)
