@@ -18,18 +18,22 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
 from gateway.asgi import ClientDisconnected, SSEResponse, race_disconnect
+from gateway.auth import OPEN_TENANT, AuthMiddleware, KeyStore, Principal
 from gateway.engine_client import EngineClient, EngineError
 from gateway.generation import (
     ChoiceDelta,
@@ -39,6 +43,8 @@ from gateway.generation import (
     completion_logprobs,
     generate_choice,
 )
+from gateway.lifecycle import RequestLifecycle
+from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     MAX_TOP_LOGPROBS,
     APIError,
@@ -48,9 +54,21 @@ from gateway.protocol import (
     stop_strings,
     validate_sampling,
 )
+from gateway.ratelimit import Limits, LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
+from gateway.response_cache import (
+    CACHE_HEADER,
+    CACHE_HIT,
+    CachedResponse,
+    ResponseCache,
+    ResponseRecorder,
+    cache_key,
+    replay_json,
+    replay_sse,
+)
 from gateway.tokenizer import apply_chat_template
 from shared import messages as m
 from shared.config import GatewayConfig
+from shared.tracing import get_tracer, inject_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +80,7 @@ class ModelInfo:
     name: str
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: list[int]
+    revision: str  # changes when the weights change; part of the response-cache key
 
 
 @dataclass
@@ -95,6 +114,16 @@ def _sse(payload: dict[str, Any]) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+@dataclass
+class Services:
+    """What the gateway talks to besides the engine; built inside the event loop
+    (redis.asyncio binds its connections to the loop that opens them)."""
+
+    limiter: RateLimiter
+    cache: ResponseCache | None
+    metrics: GatewayMetrics
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> None:
         self.config = config
@@ -102,6 +131,35 @@ class Gateway:
         self.model = model
         self.token_text = TokenText(model.tokenizer)
         self.token_id_text = TokenText(model.tokenizer, as_ids=True)
+        self.metrics = GatewayMetrics(config.price_per_1m_input_usd, config.price_per_1m_output_usd)
+        self.services: Services | None = None
+        self.tracer = get_tracer("loomserve.gateway")
+        self.admin_tenants = {t.strip() for t in config.admin_tenants.split(",") if t.strip()}
+
+    async def start(self) -> None:
+        c = self.config
+        defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
+        limiter: RateLimiter
+        if c.redis_url:
+            limiter = RedisRateLimiter(c.redis_url, defaults,
+                                       requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
+                                       tokens_on_failure=c.rate_limit_tokens_on_failure)  # type: ignore[arg-type]
+        else:
+            limiter = LocalRateLimiter(defaults)
+        cache = None
+        if c.response_cache:
+            cache = ResponseCache(c.redis_url, ttl_s=c.response_cache_ttl_s,
+                                  max_entry_bytes=c.response_cache_max_entry_bytes,
+                                  on_error=self.metrics.observe_cache_error)
+        self.services = Services(limiter, cache, self.metrics)
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.close()
+        if self.services is not None:
+            await self.services.limiter.aclose()
+            if self.services.cache is not None:
+                await self.services.cache.close()
 
     # -- routes --------------------------------------------------------------
 
@@ -133,13 +191,116 @@ class Gateway:
             "max_model_len": status.max_model_len if status else None,
         }]})
 
+    async def ready(self, request: Request) -> Response:
+        """Scheduler and workers reachable, and a one-token generation succeeds in time."""
+        problem = self.engine.engine_problem()
+        if problem is not None:
+            return _json_response(503, {"status": "unavailable", "reason": problem})
+        probe = m.AddRequest(request_id=f"ready-{uuid.uuid4().hex}", prompt_token_ids=[0],
+                             sampling=m.SamplingParams(max_tokens=1, temperature=0.0), arrival_time=time.time(),
+                             tenant="loomserve-readiness")
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.ready_timeout_s):
+                async for _ in self.engine.generate(probe):
+                    pass
+        except TimeoutError:
+            return _json_response(503, {"status": "unavailable",
+                                        "reason": f"no token within {self.config.ready_timeout_s} s"})
+        except EngineError as e:
+            return _json_response(503, {"status": "unavailable", "reason": e.error.message})
+        return _json_response(200, {"status": "ready", "generation_ms": round((time.monotonic() - started) * 1e3, 1)})
+
+    async def metrics_route(self, request: Request) -> Response:
+        if self.engine.status is not None:
+            self.metrics.update_from_status(self.engine.status)
+        body, content_type = self.metrics.metrics_response()
+        return Response(body, media_type=content_type)
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        principal = _principal(request)
+        if principal.tenant != OPEN_TENANT and principal.tenant not in self.admin_tenants:
+            raise APIError(403, "this route is for the tenants named by --admin-tenants", type="permission_error")
+        reply = await self.engine.reset_prefix_cache()
+        if not reply.ok:
+            raise APIError(409, f"the prefix cache was not reset: {reply.message}", type="conflict")
+        return _json_response(200, {"status": "reset"})
+
     async def completions(self, request: Request) -> Response:
-        body = decode_body(await self._read_body(request), CompletionRequest)
-        return await self._serve(request, self._prepare_completion(body))
+        return await self._handle(request, "/v1/completions", CompletionRequest, self._prepare_completion)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = decode_body(await self._read_body(request), ChatCompletionRequest)
-        return await self._serve(request, self._prepare_chat(body))
+        return await self._handle(request, "/v1/chat/completions", ChatCompletionRequest, self._prepare_chat)
+
+    async def _handle(self, request: Request, endpoint: str, body_type: type[Any],
+                      prepare: Callable[[Any], PreparedRequest]) -> Response:
+        assert self.services is not None
+        principal = _principal(request)
+        span = self.tracer.start_span(f"POST {endpoint}", kind=SpanKind.SERVER,
+                                      attributes={"loomserve.tenant": principal.tenant})
+        life = RequestLifecycle(endpoint, principal, span, self.metrics, self.services.limiter)
+        try:
+            raw = await self._read_body(request)
+            with trace.use_span(span, end_on_exit=False):
+                with self.tracer.start_as_current_span("tokenize"):
+                    prep = prepare(decode_body(raw, body_type))
+                life.prompt_tokens = sum(len(p) for p in prep.prompts)
+                span.set_attributes({"loomserve.request_id": prep.response_id, "loomserve.n": prep.n,
+                                     "loomserve.stream": prep.stream,
+                                     "loomserve.max_tokens": prep.sampling[0].max_tokens,
+                                     "loomserve.prompt_tokens": life.prompt_tokens})
+                with self.tracer.start_as_current_span("rate_limit"):
+                    reserve = life.prompt_tokens + len(prep.prompts) * prep.n * prep.sampling[0].max_tokens
+                    try:
+                        life.admission = await self.services.limiter.admit(principal, reserve)
+                    except RateLimitExceeded as e:
+                        self.metrics.observe_rate_limit_rejection(principal.tenant, e.type)
+                        raise
+                cached = await self._cache_lookup(life, prep, raw)
+            headers = {"x-request-id": prep.response_id, **life.admission.headers}
+            if cached is not None:
+                await life.finish(200)
+                return self._replay(prep, cached, headers)
+            response = await self._serve(request, prep, life, headers)
+        except APIError as e:
+            await life.finish(e.status, e.message)
+            raise
+        except EngineError as e:
+            await life.finish(e.error.status, e.error.message)
+            raise
+        except BaseException as e:
+            await life.finish(500, f"{type(e).__name__}: {e}")
+            raise
+        return response
+
+    async def _cache_lookup(self, life: RequestLifecycle, prep: PreparedRequest, raw: bytes) -> CachedResponse | None:
+        cache = self.services.cache if self.services else None
+        if cache is None:
+            return None
+        with self.tracer.start_as_current_span("cache_lookup") as span:
+            key = cache_key(life.principal.tenant, self.model.name, self.model.revision, life.endpoint,
+                            json.loads(raw))
+            if key is None:
+                span.set_attribute("loomserve.cache", "not_cacheable")
+                return None
+            cached = await cache.get(key)
+            self.metrics.observe_cache_lookup(cached is not None)
+            span.set_attribute("loomserve.cache", "hit" if cached is not None else "miss")
+            if cached is None:
+                life.cache, life.cache_key = cache, key
+                life.recorder = ResponseRecorder("chat" if prep.kind == "chat" else "completion",
+                                                 len(prep.prompts) * prep.n)
+            return cached
+
+    def _replay(self, prep: PreparedRequest, cached: CachedResponse, headers: dict[str, str]) -> Response:
+        headers = {**headers, CACHE_HEADER: CACHE_HIT}
+        if prep.stream:
+            events = replay_sse(cached, response_id=prep.response_id, model=self.model.name,
+                                include_usage=prep.include_usage, return_token_ids=prep.return_token_ids)
+            return SSEResponse(_aiter(events), headers)
+        body = replay_json(cached, response_id=prep.response_id, model=self.model.name,
+                           return_token_ids=prep.return_token_ids)
+        return _json_response(200, body, headers)
 
     # -- request preparation -------------------------------------------------
 
@@ -296,7 +457,39 @@ class Gateway:
 
     # -- running -------------------------------------------------------------
 
-    def _engine_requests(self, prep: PreparedRequest) -> list[tuple[int, m.AddRequest]]:
+    async def _serve(self, request: Request, prep: PreparedRequest, life: RequestLifecycle,
+                     headers: dict[str, str]) -> Response:
+        if prep.stream:
+            # The response starts only once the engine took the request and produced
+            # a first delta, so a refusal (queue full, context too long) is a plain
+            # HTTP error with its status and headers, not an event in a 200 stream.
+            deltas = self._merged(prep, life)
+            try:
+                first = await race_disconnect(request.receive, anext(deltas))
+            except ClientDisconnected:
+                await deltas.aclose()
+                await life.finish(499, "client disconnected")
+                return Response(status_code=499)
+            except BaseException:
+                await deltas.aclose()
+                raise
+            return SSEResponse(self._stream(prep, life, first, deltas), headers)
+        try:
+            results = await race_disconnect(request.receive, self._collect(prep, life))
+        except ClientDisconnected:
+            await life.finish(499, "client disconnected")
+            return Response(status_code=499)
+        body = self._full_response(prep, results)
+        await life.finish(200)
+        return _json_response(200, body, headers)
+
+    def _trace_context(self, life: RequestLifecycle, index: int) -> str | None:
+        """A child span per engine request; its traceparent rides inside AddRequest."""
+        with self.tracer.start_as_current_span("generate", context=trace.set_span_in_context(life.span),
+                                               attributes={"loomserve.choice": index}) as span:
+            return inject_traceparent(span)
+
+    def _engine_requests(self, prep: PreparedRequest, life: RequestLifecycle) -> list[tuple[int, m.AddRequest]]:
         now = time.time()
         out = []
         for p, prompt in enumerate(prep.prompts):
@@ -308,14 +501,16 @@ class Gateway:
                     sampling=prep.sampling[c],
                     arrival_time=now,
                     priority=prep.priority,
+                    tenant=life.principal.tenant,
+                    traceparent=self._trace_context(life, index),
                     queue_timeout_s=prep.queue_timeout_s,
                 )))
         return out
 
-    async def _merged(self, prep: PreparedRequest) -> AsyncGenerator[ChoiceDelta, None]:
+    async def _merged(self, prep: PreparedRequest, life: RequestLifecycle) -> AsyncGenerator[ChoiceDelta, None]:
         """Deltas of every choice, as they come."""
         queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
-        engine_requests = self._engine_requests(prep)
+        engine_requests = self._engine_requests(prep, life)
 
         async def run(index: int, add: m.AddRequest) -> None:
             try:
@@ -334,6 +529,7 @@ class Gateway:
                     raise item
                 if item.finish_reason is not None:
                     remaining -= 1
+                life.on_tokens(len(item.token_ids))
                 yield item
         finally:
             for task in tasks:
@@ -342,35 +538,15 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _serve(self, request: Request, prep: PreparedRequest) -> Response:
-        headers = {"x-request-id": prep.response_id}
-        if prep.stream:
-            # The response starts only once the engine took the request and produced
-            # a first delta, so a refusal (queue full, context too long) is a plain
-            # HTTP error with its status and headers, not an event in a 200 stream.
-            deltas = self._merged(prep)
-            try:
-                first = await race_disconnect(request.receive, anext(deltas))
-            except ClientDisconnected:
-                await deltas.aclose()
-                return Response(status_code=499)
-            except BaseException:
-                await deltas.aclose()
-                raise
-            return SSEResponse(self._stream(prep, first, deltas), headers)
-        try:
-            results = await race_disconnect(request.receive, self._collect(prep))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        return _json_response(200, self._full_response(prep, results), headers)
-
-    async def _collect(self, prep: PreparedRequest) -> list[ChoiceResult]:
+    async def _collect(self, prep: PreparedRequest, life: RequestLifecycle) -> list[ChoiceResult]:
         results = [ChoiceResult(i) for i in range(len(prep.prompts) * prep.n)]
-        async for delta in self._merged(prep):
+        async for delta in self._merged(prep, life):
             r = results[delta.index]
             r.text += delta.text
             r.token_ids += delta.token_ids
             r.logprobs += delta.logprobs
+            life.record(delta.index, delta.text, delta.token_ids,
+                        self._logprobs_field(prep, delta.logprobs, delta.token_ids), delta.finish_reason)
             if delta.finish_reason is not None:
                 r.finish_reason = delta.finish_reason
         return results
@@ -412,41 +588,59 @@ class Gateway:
             "usage": self._usage(prep, sum(len(r.token_ids) for r in results)),
         }
 
-    async def _stream(self, prep: PreparedRequest, first: ChoiceDelta,
+    async def _stream(self, prep: PreparedRequest, life: RequestLifecycle, first: ChoiceDelta,
                       rest: AsyncGenerator[ChoiceDelta, None]) -> AsyncIterator[bytes]:
         created = int(time.time())
         kind = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
         base = {"id": prep.response_id, "object": kind, "created": created, "model": self.model.name}
-        completion_tokens = 0
-        if prep.kind == "chat":
-            for i in range(len(prep.prompts) * prep.n):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
+        status, error = 499, "client disconnected"  # unless the stream ends by itself
         try:
-            async for delta in _chain(first, rest):
-                completion_tokens += len(delta.token_ids)
-                if (not delta.text and delta.finish_reason is None and not prep.want_logprobs
-                        and not prep.return_token_ids):
-                    continue
-                lps = self._logprobs_field(prep, delta.logprobs, delta.token_ids)
-                choice: dict[str, Any] = {"index": delta.index}
-                if prep.kind == "chat":
-                    choice["delta"] = {"content": delta.text} if delta.text else {}
-                else:
-                    choice["text"] = delta.text
-                choice["logprobs"] = lps
-                choice["finish_reason"] = delta.finish_reason
-                if prep.return_token_ids:
-                    choice["token_ids"] = delta.token_ids
-                yield _sse({**base, "choices": [choice]})
-        except EngineError as e:
-            yield _sse({"error": {"message": e.error.message, "type": e.error.type, "param": None,
-                                  "code": e.error.status}})
+            if prep.kind == "chat":
+                for i in range(len(prep.prompts) * prep.n):
+                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None}]})
+            try:
+                async for delta in _chain(first, rest):
+                    lps = self._logprobs_field(prep, delta.logprobs, delta.token_ids)
+                    life.record(delta.index, delta.text, delta.token_ids, lps, delta.finish_reason)
+                    if (not delta.text and delta.finish_reason is None and not prep.want_logprobs
+                            and not prep.return_token_ids):
+                        continue
+                    choice: dict[str, Any] = {"index": delta.index}
+                    if prep.kind == "chat":
+                        choice["delta"] = {"content": delta.text} if delta.text else {}
+                    else:
+                        choice["text"] = delta.text
+                    choice["logprobs"] = lps
+                    choice["finish_reason"] = delta.finish_reason
+                    if prep.return_token_ids:
+                        choice["token_ids"] = delta.token_ids
+                    yield _sse({**base, "choices": [choice]})
+            except EngineError as e:
+                status, error = e.error.status, e.error.message
+                yield _sse({"error": {"message": e.error.message, "type": e.error.type, "param": None,
+                                      "code": e.error.status}})
+                yield _DONE
+                return
+            if prep.include_usage:
+                yield _sse({**base, "choices": [], "usage": self._usage(prep, life.completion_tokens)})
             yield _DONE
-            return
-        if prep.include_usage:
-            yield _sse({**base, "choices": [], "usage": self._usage(prep, completion_tokens)})
-        yield _DONE
+            status, error = 200, ""
+        finally:
+            await life.finish(status, error or None)
+
+
+async def _aiter(events: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+def _principal(request: Request) -> Principal:
+    """Set by AuthMiddleware on every non-public route."""
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):
+        raise APIError(401, "missing API key", type="authentication_error", code="missing_api_key")
+    return principal
 
 
 async def _chain(first: ChoiceDelta, rest: AsyncGenerator[ChoiceDelta, None]) -> AsyncIterator[ChoiceDelta]:
@@ -482,24 +676,28 @@ def _error_handlers() -> dict[Any, Callable[..., Any]]:
             Exception: unexpected}
 
 
-def create_app(config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> Starlette:
+def create_app(config: GatewayConfig, engine: EngineClient, model: ModelInfo, keys: KeyStore) -> Starlette:
     gateway = Gateway(config, engine, model)
     routes = [
         Route("/health", gateway.health, methods=["GET"]),
+        Route("/ready", gateway.ready, methods=["GET"]),
+        Route("/metrics", gateway.metrics_route, methods=["GET"]),
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/admin/reset_prefix_cache", gateway.reset_prefix_cache, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await engine.start()
+        await gateway.start()
         try:
             yield
         finally:
-            await engine.close()
+            await gateway.stop()
 
-    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan)
+    public = {"/health", "/ready"} | ({"/metrics"} if config.public_metrics else set())
+    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan,
+                    middleware=[Middleware(AuthMiddleware, keys=keys, public_paths=public)])
     app.state.gateway = gateway
     return app
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import ModelInfo, create_app
+from gateway.auth import KeyStore, RedisKeySource, load_keys_file
 from gateway.engine_client import EngineClient
 from gateway.tokenizer import eos_token_ids, load_tokenizer
 from shared.config import GatewayConfig
 from shared.model_files import DEFAULT_MODEL, DEFAULT_MODEL_FILE, resolve_model
 from shared.process import install_stop_handler, parent_watchdog
+from shared.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +29,36 @@ def served_name(config: GatewayConfig, model_path: Path) -> str:
     return model_path.stem if model_path.is_file() else model_path.name
 
 
+def model_revision(model_path: Path) -> str:
+    """Changes whenever the weights do (size and modification time of every weight file)."""
+    files = [model_path] if model_path.is_file() else sorted(
+        p for p in model_path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf"))
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def key_store(config: GatewayConfig) -> KeyStore:
+    records = load_keys_file(config.keys_file) if config.keys_file else []
+    redis_source = RedisKeySource(config.redis_url) if config.redis_keys and config.redis_url else None
+    if config.redis_keys and not config.redis_url:
+        raise ValueError("--redis-keys needs --redis-url")
+    return KeyStore(records, redis_source)
+
+
 def serve_gateway(config: GatewayConfig) -> None:
+    setup_tracing("loomserve-gateway", config.otlp_endpoint)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    model = ModelInfo(served_name(config, model_path), tokenizer, eos_token_ids(tokenizer, model_path))
+    model = ModelInfo(served_name(config, model_path), tokenizer, eos_token_ids(tokenizer, model_path),
+                      model_revision(model_path))
+    if not config.redis_url:
+        log.warning("no --redis-url: rate limits and the response cache live in this process and are not "
+                    "shared with other gateway replicas")
     engine = EngineClient(config.scheduler_address)
-    app = create_app(config, engine, model)
+    app = create_app(config, engine, model, key_store(config))
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="warning", access_log=False,
         timeout_graceful_shutdown=30, lifespan="on",
@@ -46,5 +73,8 @@ def serve_gateway(config: GatewayConfig) -> None:
     parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), stop)
     log.info("gateway for %s listening on http://%s:%d (scheduler at %s)",
              model.name, config.host, config.port, config.scheduler_address)
-    server.run()
+    try:
+        server.run()
+    finally:
+        shutdown_tracing()
     log.info("gateway stopped")

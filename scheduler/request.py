@@ -40,6 +40,10 @@ class Request:
     finish_reason: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    # Wall-clock times (ns) for the request's trace: first admitted, first token, preempted.
+    first_scheduled_ns: int | None = None
+    first_token_ns: int | None = None
+    preempted_ns: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -22,6 +22,7 @@ The scheduler is synchronous with its workers: ``schedule()`` produces one
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from scheduler.kv_cache_manager import KVCacheManager
@@ -204,6 +205,7 @@ class Scheduler:
             self.waiting.pop()
             if head.num_preemptions == 0:
                 head.num_cached_tokens = num_computed
+                head.first_scheduled_ns = time.time_ns()
             head.num_computed_tokens = num_computed
             head.status = RequestStatus.RUNNING
             self.running.append(head)
@@ -273,6 +275,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        request.preempted_ns.append(time.time_ns())
         self.stats.num_preemptions += 1
         # The worker keeps its sampling state (a seeded generator continues) but
         # must be sent the request's tokens and new blocks again on resumption.
@@ -294,6 +297,8 @@ class Scheduler:
             token_ids = sampled.get(request_id)
             if not token_ids:
                 continue  # a prefill chunk: nothing to emit yet
+            if request.first_token_ns is None:
+                request.first_token_ns = time.time_ns()
             emitted: list[int] = []
             reason = None
             for token_id in token_ids:

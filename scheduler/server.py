@@ -23,6 +23,9 @@ from collections import defaultdict
 
 import msgspec
 import zmq
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import Span, Status, StatusCode
 from zmq.utils.monitor import recv_monitor_message
 
 from scheduler.kv_cache_manager import KVCacheManager
@@ -30,6 +33,15 @@ from scheduler.request import Request
 from scheduler.scheduler import AdmissionError, Scheduler
 from shared import messages as m
 from shared.config import SchedulerConfig
+from shared.tracing import (
+    context_from_traceparent,
+    get_tracer,
+    inject_traceparent,
+    record_span,
+    setup_tracing,
+    shutdown_tracing,
+    tracing_enabled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +77,8 @@ class SchedulerServer:
         self._last_stats = time.monotonic()
         self._tokens_since_stats = 0
         self._next_expiry_check = 0.0
+        self._tracer = get_tracer("loomserve.scheduler")
+        self._traced: dict[str, tuple[Span, Request]] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -167,13 +181,44 @@ class SchedulerServer:
             cache_salt=msg.tenant,
             traceparent=msg.traceparent,
         )
+        if msg.traceparent is not None and tracing_enabled():
+            span = self._tracer.start_span("scheduler.request", context=context_from_traceparent(msg.traceparent),
+                                           attributes={"loomserve.prompt_tokens": len(msg.prompt_token_ids)})
+            request.traceparent = inject_traceparent(span)  # the worker's spans become its children
+            self._traced[msg.request_id] = (span, request)
         try:
             self.scheduler.add_request(request)
         except AdmissionError as e:
             self.scheduler.stats.num_rejected += 1
+            self._end_trace(msg.request_id, "error", e.error.message)
             self._reject(routing_id, msg.request_id, e.error)
             return
         self._owner[msg.request_id] = routing_id
+
+    def _end_trace(self, request_id: str, finish_reason: str, error: str | None) -> None:
+        """Queue wait, prefill and decode as child spans of the request's span, preemptions as events."""
+        traced = self._traced.pop(request_id, None)
+        if traced is None:
+            return
+        span, request = traced
+        now = time.time_ns()
+        parent = trace.set_span_in_context(span)
+        arrived = span.start_time if isinstance(span, ReadableSpan) and span.start_time else now
+        scheduled = request.first_scheduled_ns or now
+        record_span("scheduler.queue", arrived, max(arrived, scheduled), parent)
+        if request.first_scheduled_ns is not None:
+            first_token = request.first_token_ns or now
+            record_span("scheduler.prefill", scheduled, max(scheduled, first_token), parent,
+                        attributes={"loomserve.cached_tokens": request.num_cached_tokens})
+            if request.first_token_ns is not None:
+                record_span("scheduler.decode", first_token, max(first_token, now), parent,
+                            attributes={"loomserve.output_tokens": request.num_output_tokens})
+        for at in request.preempted_ns:
+            span.add_event("preempted", timestamp=at)
+        span.set_attribute("loomserve.finish_reason", finish_reason)
+        if error is not None and finish_reason == "error":
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=now)
 
     def _reject(self, routing_id: bytes, request_id: str, error: m.ErrorInfo) -> None:
         out = m.RequestOutput(request_id, [], "error", error=error)
@@ -187,6 +232,7 @@ class SchedulerServer:
                 continue
             if out.finish_reason is not None:
                 del self._owner[out.request_id]
+                self._end_trace(out.request_id, out.finish_reason, out.error.message if out.error else None)
             by_gateway[routing_id].append(out)
             self._tokens_since_stats += len(out.new_token_ids)
         for routing_id, outs in by_gateway.items():
@@ -345,6 +391,7 @@ class SchedulerServer:
 def serve_scheduler(config: SchedulerConfig) -> None:
     from shared.process import install_stop_handler, parent_watchdog
 
+    setup_tracing("loomserve-scheduler", config.otlp_endpoint)
     server = SchedulerServer(config)
     install_stop_handler(server.stop)
     parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), server.stop)
@@ -352,4 +399,5 @@ def serve_scheduler(config: SchedulerConfig) -> None:
         server.run()
     finally:
         server.close()
+        shutdown_tracing()
         log.info("scheduler stopped")

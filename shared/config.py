@@ -41,6 +41,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
     world_size: int = _opt(1, "ranks in the worker group (tensor parallel size)")
     step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")
+    otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class WorkerConfig:
     num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
     seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
     rank: int = _opt(0, "this process's rank in the worker group")
+    otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,27 @@ class GatewayConfig:
     model: str | None = _opt(None, "model whose tokenizer the gateway uses (default: SmolLM2-135M-Instruct)")
     served_model_name: str | None = _opt(None, "model name in the API (default: derived from --model)")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest accepted request body")
+    keys_file: str | None = _opt(None, "JSON file of API key digests and their tenants (none: the gateway is open)")
+    redis_url: str | None = _opt(None, "Redis shared by gateway replicas: rate limits, response cache, keys",
+                                 secret=True)
+    redis_keys: bool = _opt(False, "also look API key digests up in Redis (loomserve:keys:<sha256>)")
+    rate_limit_rpm: int | None = _opt(None, "requests per minute per tenant (default: unlimited)")
+    rate_limit_tpm: int | None = _opt(None, "tokens (prompt + max_tokens) per minute per tenant (default: unlimited)")
+    rate_limit_request_burst: int | None = _opt(None, "requests allowed at once (default: the per-minute limit)")
+    rate_limit_token_burst: int | None = _opt(None, "tokens allowed at once (default: the per-minute limit)")
+    rate_limit_requests_on_failure: str = _opt("open", "requests limit when Redis is down: admit or refuse (503)",
+                                               choices=("open", "closed"))
+    rate_limit_tokens_on_failure: str = _opt("open", "tokens limit when Redis is down: admit or refuse (503)",
+                                             choices=("open", "closed"))
+    response_cache: bool = _opt(True, "replay answers of deterministic requests (temperature 0 or a seed)")
+    response_cache_ttl_s: float = _opt(3600.0, "lifetime of a cached answer")
+    response_cache_max_entry_bytes: int = _opt(1 << 20, "larger answers are not cached")
+    public_metrics: bool = _opt(False, "serve /metrics without an API key")
+    admin_tenants: str = _opt("", "comma-separated tenants allowed to call /admin routes (an open gateway: anyone)")
+    price_per_1m_input_usd: float = _opt(0.0, "price of a million prompt tokens, for cost attribution")
+    price_per_1m_output_usd: float = _opt(0.0, "price of a million completion tokens, for cost attribution")
+    ready_timeout_s: float = _opt(10.0, "how long /ready waits for its one-token generation")
+    otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
 
 def _base_type(tp: Any) -> Any:

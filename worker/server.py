@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -20,6 +21,7 @@ from shared import messages as m
 from shared.config import WorkerConfig
 from shared.model_files import resolve_model
 from shared.process import install_stop_handler, parent_watchdog
+from shared.tracing import context_from_traceparent, record_span, setup_tracing, shutdown_tracing, tracing_enabled
 from worker.device import DeviceInfo
 from worker.model_runner import ModelRunner
 
@@ -88,7 +90,10 @@ class WorkerServer:
             if self._fail_at_step is not None and plan.step_id == self._fail_at_step:
                 self._fail_at_step = None
                 raise RuntimeError(f"failure injected at step {plan.step_id} ({_FAIL_AT_STEP_ENV})")
+            started_ns = time.time_ns()
             result = self.runner.execute(plan)
+            if tracing_enabled():
+                self._trace_step(plan, started_ns, time.time_ns())
         except Exception as e:
             log.exception("step %d failed", plan.step_id)
             self._send(m.WorkerFailure(self.config.rank, f"{type(e).__name__}: {e}"))
@@ -97,12 +102,24 @@ class WorkerServer:
             return
         self._send(result)
 
+    @staticmethod
+    def _trace_step(plan: m.BatchPlan, start_ns: int, end_ns: int) -> None:
+        """The step in which a traced request starts (its prefill), as a child of its scheduler span."""
+        for new in plan.new_requests:
+            if new.traceparent is not None:
+                record_span("worker.step", start_ns, end_ns, context_from_traceparent(new.traceparent),
+                            attributes={"loomserve.step_id": plan.step_id,
+                                        "loomserve.batch_size": len(plan.num_scheduled_tokens),
+                                        "loomserve.scheduled_tokens": plan.num_scheduled_tokens[new.request_id]},
+                            tracer_name="loomserve.worker")
+
     def close(self) -> None:
         self._sock.close(linger=0)
         self._ctx.term()
 
 
 def serve_worker(config: WorkerConfig) -> None:
+    setup_tracing("loomserve-worker", config.otlp_endpoint)
     model_path = resolve_model(config.model) if config.load_format != "dummy" else Path(str(config.model))
     server = WorkerServer(config, model_path)
     install_stop_handler(server.stop)
@@ -111,4 +128,5 @@ def serve_worker(config: WorkerConfig) -> None:
         server.run()
     finally:
         server.close()
+        shutdown_tracing()
         log.info("worker stopped")
