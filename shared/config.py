@@ -58,6 +58,7 @@ class WorkerConfig:
     max_model_len: int | None = _opt(None, "longest sequence (default: the model's context length)")
     num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
     seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
+    enforce_eager: bool = _opt(False, "never replay CUDA graphs for decode steps (debugging, memory)")
     rank: int = _opt(0, "this process's rank in the worker group")
     otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 

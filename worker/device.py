@@ -1,4 +1,5 @@
-"""Which device and dtype a worker computes on, and how much memory its KV cache gets."""
+"""Which device and dtype a worker computes on, which kernels it uses there, and how
+much memory its KV cache gets."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from shared.config import WorkerConfig
+from worker.attention.base import AttentionBackend
+from worker.attention.torch_backend import TorchAttentionBackend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Kept free on a GPU for activations, logits and the allocator's slack.
-_GPU_ACTIVATION_RESERVE = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,34 @@ class DeviceInfo:
             dtype = _DTYPES[config.dtype]
         return cls(device, dtype)
 
-    def kv_cache_bytes(self, config: WorkerConfig) -> int:
-        """Bytes for the KV cache; on a GPU, measured after the weights are loaded."""
-        if self.device.type != "cuda":
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def attention_backend(self) -> type[AttentionBackend]:
+        """The Triton paged-attention kernels on a GPU, the torch reference elsewhere."""
+        if self.is_cuda:
+            # Imported only here: triton is an optional dependency that only GPUs need.
+            from worker.attention.triton_backend import TritonAttentionBackend
+
+            return TritonAttentionBackend
+        return TorchAttentionBackend
+
+    def kv_cache_bytes(self, config: WorkerConfig, reserved_bytes: int = 0) -> int:
+        """Bytes for the KV cache.
+
+        On the CPU, ``config.kv_cache_gb``. On a GPU, what is left of
+        ``gpu_memory_utilization`` of the card after what is in use now (call it once
+        the weights are loaded) and ``reserved_bytes``, the caller's measured need for
+        activations and CUDA graphs.
+        """
+        if not self.is_cuda:
             return int(config.kv_cache_gb * (1 << 30))
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
-        return max(0, int(total * config.gpu_memory_utilization) - used - _GPU_ACTIVATION_RESERVE)
+        return max(0, int(total * config.gpu_memory_utilization) - used - reserved_bytes)
 
     def describe(self) -> str:
-        if self.device.type == "cuda":
+        if self.is_cuda:
             return f"{torch.cuda.get_device_name(self.device)} ({self.device}, {self.dtype})"
         return f"cpu ({torch.get_num_threads()} threads, {self.dtype})"

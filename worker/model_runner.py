@@ -6,6 +6,18 @@ the tokens it samples itself. For each step it lays the scheduled tokens of all
 requests out on one flattened token axis (see ``worker.attention.base``),
 runs the model, and samples one token for every request whose known tokens are
 all computed after this step (a finished prefill, or a decode).
+
+On a GPU:
+
+* the model runs in bf16 (``DeviceInfo``), with the Triton attention backend and
+  the fused Triton norm / rotary / activation layers;
+* the KV cache takes what is left of ``gpu_memory_utilization`` after the
+  weights and the peak of a profiling step (see ``PROFILE_NUM_TOKENS``);
+* pure-decode steps of up to 256 sequences replay CUDA graphs captured at
+  start-up (``worker.cuda_graphs``); other steps run eagerly;
+* a step's inputs go to the device as non-blocking copies from pinned host
+  memory, so the host waits for the device once per step: in the sampler's one
+  ``tolist`` of the sampled tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.config import WorkerConfig
-from shared.messages import BatchPlan, StepResult
+from shared.messages import BatchPlan, SamplingParams, StepResult
 from worker.attention.base import AttentionMetadata
+from worker.cuda_graphs import DecodeGraphs, pad_decode_batch
 from worker.device import DeviceInfo
 from worker.loader import load_model
 from worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
@@ -27,12 +41,65 @@ from worker.sampler import SamplingState, sample
 
 log = logging.getLogger(__name__)
 
+# The profiling step that sizes the activation reserve: this many prompt tokens
+# in one forward pass, then sampling (temperature, top-p: the costliest path) for
+# this many rows. The scheduler's token budget is not known to the worker, so
+# the step is fixed at a budget four times the scheduler's default (2048); a
+# larger --max-num-batched-tokens needs a lower --gpu-memory-utilization.
+PROFILE_NUM_TOKENS = 8192
+PROFILE_NUM_SAMPLED = 256
+# The CUDA graphs' own memory pool, kept out of the KV cache: decode activations of
+# at most 256 tokens. Captures took 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b)
+# on an H200; start-up logs what they took.
+CUDA_GRAPH_RESERVE_BYTES = 256 << 20
+
+
+def _aligned(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple. The arrays of a step's inputs start at such offsets
+    so that every device view is 16-byte aligned: Triton specialises kernels on pointer
+    alignment, and a misaligned view would build another kernel variant mid-serving."""
+    return -(-n // multiple) * multiple
+
 
 @dataclass
 class RequestState:
     token_ids: list[int]
-    block_ids: list[int]
+    block_ids: np.ndarray  # (num_blocks,) int32
     sampling: SamplingState
+
+
+@dataclass
+class HostBatch:
+    """One step's flattened batch in host memory (pinned on a GPU host)."""
+
+    token_data: np.ndarray  # (3, T) int64: input ids, positions, slot mapping
+    query_start_loc: np.ndarray  # (B + 1,) int32
+    seq_lens: np.ndarray  # (B,) int32
+    block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
+    sample_rows: np.ndarray  # (S,) int64: row in T of each sampled request's last token
+    sample_ids: list[str]
+    max_query_len: int
+    # The pinned tensors behind the arrays above, copied to the device as two transfers;
+    # every array starts at a 16-byte boundary (see _aligned).
+    host_i64: torch.Tensor  # token_data rows, then sample_rows
+    host_i32: torch.Tensor  # query_start_loc, seq_lens, then block_tables
+    row_stride: int  # elements between token_data rows in host_i64
+    seq_lens_at: int  # offsets into host_i32
+    block_tables_at: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_data.shape[1])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def samples_every_row(self) -> bool:
+        """A decode batch: one token per sequence, each sampled. (A one-token chunk of
+        a prompt is not sampled.)"""
+        return len(self.sample_ids) == self.num_tokens
 
 
 @dataclass
@@ -40,40 +107,124 @@ class StepInputs:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     meta: AttentionMetadata
-    sample_rows: torch.Tensor  # (S,) index into T of each sampled request's last token
-    sample_ids: list[str]
+    sample_rows: torch.Tensor | None  # (S,) into T; None: every row, in order
 
 
 class ModelRunner:
-    def __init__(self, config: WorkerConfig, model_path: Path | str, device: DeviceInfo) -> None:
+    """Model, KV cache and per-request state of one worker.
+
+    ``use_cuda_graphs`` (GPU only) captures decode graphs at start-up; the
+    attribute of that name can be cleared later to run every step eagerly.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        model_path: Path | str,
+        device: DeviceInfo,
+        *,
+        use_cuda_graphs: bool = True,
+    ) -> None:
         self.config = config
         self.device = device.device
         self.dtype = device.dtype
+        self._pin = device.is_cuda
         started = time.monotonic()
         self.model, self.model_config = load_model(
-            model_path, load_format=config.load_format, dtype=self.dtype, device=self.device, seed=config.seed
+            model_path,
+            load_format=config.load_format,
+            dtype=self.dtype,
+            device=self.device,
+            seed=config.seed,
+            attn_backend=device.attention_backend(),
         )
         log.info("model loaded in %.1f s", time.monotonic() - started)
         self.model.eval()
         self.block_size = config.block_size
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.use_cuda_graphs = use_cuda_graphs and device.is_cuda
+
+        reserved = 0
+        if device.is_cuda:
+            reserved = self._profile_activation_bytes()
+            if self.use_cuda_graphs:
+                reserved += CUDA_GRAPH_RESERVE_BYTES
+        available = device.kv_cache_bytes(config, reserved)
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
-        self.num_blocks = device.kv_cache_bytes(config) // bytes_per_block
+        self.num_blocks = available // bytes_per_block
         if self.num_blocks < 2:
             raise RuntimeError(
-                f"no room for the KV cache: {bytes_per_block} bytes per block, "
-                f"{device.kv_cache_bytes(config)} bytes available; raise --kv-cache-gb or "
-                f"--gpu-memory-utilization"
+                f"no room for the KV cache: {bytes_per_block} bytes per block, {available} bytes available "
+                f"({reserved} reserved for activations); raise --kv-cache-gb or --gpu-memory-utilization, "
+                f"or use a smaller model"
             )
         self.kv_caches = allocate_kv_caches(
             self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
         )
+        log.info("KV cache: %d blocks of %d tokens, %.2f GiB", self.num_blocks, self.block_size,
+                 self.num_blocks * bytes_per_block / (1 << 30))
         self.states: dict[str, RequestState] = {}
         self._unseeded = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.graphs: DecodeGraphs | None = None
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                max_seq_len=min(self.max_model_len, self.num_blocks * self.block_size),
+                block_size=self.block_size,
+            )
+            self.graphs.capture()
 
     def reset(self) -> None:
         self.states.clear()
+
+    # -- start-up ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak device memory of one ``PROFILE_NUM_TOKENS``-token prefill step and the
+        sampling of ``PROFILE_NUM_SAMPLED`` rows, beyond what is allocated now.
+
+        The attention reads a one-block scratch cache: every block-table entry
+        points at it and no token is written (slot -1), so the step computes at
+        full size without a real cache.
+        """
+        dev = self.device
+        seq_len = min(self.max_model_len, PROFILE_NUM_TOKENS)
+        num_seqs = -(-PROFILE_NUM_TOKENS // seq_len)
+        lens = [seq_len] * (num_seqs - 1) + [PROFILE_NUM_TOKENS - seq_len * (num_seqs - 1)]
+        starts = np.concatenate(([0], np.cumsum(lens))).tolist()
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.dtype, dev)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((num_seqs, -(-seq_len // self.block_size)), dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((PROFILE_NUM_TOKENS,), -1, dtype=torch.int64, device=dev),
+            max_query_len=seq_len,
+            max_seq_len=seq_len,
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=lens,
+        )
+        input_ids = torch.zeros(PROFILE_NUM_TOKENS, dtype=torch.int64, device=dev)
+        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
+        states = [SamplingState(params, [0], device=dev) for _ in range(PROFILE_NUM_SAMPLED)]
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_reserved(dev)
+        started = time.monotonic()
+        hidden = self.model(input_ids, positions, scratch, meta)  # (PROFILE_NUM_TOKENS, hidden)
+        logits = self.model.compute_logits(hidden[:PROFILE_NUM_SAMPLED])
+        sample(logits, states, torch.Generator(device=dev).manual_seed(0))
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_reserved(dev) - before
+        del hidden, logits, scratch, meta, positions, input_ids
+        torch.cuda.empty_cache()
+        log.info("profiling step of %d tokens: %.0f MiB of activations, %.1f s (first run includes kernel builds)",
+                 PROFILE_NUM_TOKENS, peak / (1 << 20), time.monotonic() - started)
+        return peak
 
     # -- one step ------------------------------------------------------------
 
@@ -84,94 +235,171 @@ class ModelRunner:
         start: dict[str, int] = {}
         for new in plan.new_requests:
             state = self.states.get(new.request_id)
+            blocks = np.asarray(new.block_ids, dtype=np.int32)
             if state is None:
                 sampling = SamplingState(new.sampling, new.token_ids, device=self.device)
-                self.states[new.request_id] = RequestState(list(new.token_ids), list(new.block_ids), sampling)
+                self.states[new.request_id] = RequestState(list(new.token_ids), blocks, sampling)
             else:
                 # Resumed after preemption: the sampling state (penalty counts, a
                 # seeded generator) carries on; tokens and blocks are replaced.
                 state.token_ids = list(new.token_ids)
-                state.block_ids = list(new.block_ids)
+                state.block_ids = blocks
             start[new.request_id] = new.num_computed_tokens
         for cached in plan.cached_requests:
-            self.states[cached.request_id].block_ids.extend(cached.new_block_ids)
+            state = self.states[cached.request_id]
+            if cached.new_block_ids:
+                state.block_ids = np.concatenate((state.block_ids, np.asarray(cached.new_block_ids, np.int32)))
             start[cached.request_id] = cached.num_computed_tokens
         return start
 
-    def prepare_inputs(self, plan: BatchPlan, start: dict[str, int]) -> StepInputs:
+    def host_batch(self, plan: BatchPlan, start: dict[str, int]) -> HostBatch:
+        """Lay the plan's tokens out on the flattened axis, in host memory.
+
+        Sequences with one new token come first, in plan order, then the others:
+        the Triton backend sends leading decodes of a mixed batch to its decode
+        kernel.
+        """
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_ids: list[str] = []
-        for request_id, num_new in plan.num_scheduled_tokens.items():
-            state = self.states[request_id]
-            begin = start[request_id]
+        scheduled = plan.num_scheduled_tokens
+        order = [rid for rid, n in scheduled.items() if n == 1] + [rid for rid, n in scheduled.items() if n != 1]
+        num_seqs = len(order)
+        num_tokens = sum(scheduled.values())
+        states = [self.states[rid] for rid in order]
+        width = max(len(st.block_ids) for st in states)
+        sample_ids = [
+            rid for rid, st in zip(order, states, strict=True) if start[rid] + scheduled[rid] == len(st.token_ids)
+        ]
+        # 16-byte boundaries: 2 int64 or 4 int32 elements.
+        row_stride = _aligned(num_tokens, 2)
+        seq_lens_at = _aligned(num_seqs + 1, 4)
+        block_tables_at = _aligned(seq_lens_at + num_seqs, 4)
+        host_i64 = torch.empty(3 * row_stride + len(sample_ids), dtype=torch.int64, pin_memory=self._pin)
+        host_i32 = torch.zeros(block_tables_at + num_seqs * width, dtype=torch.int32, pin_memory=self._pin)
+        i64, i32 = host_i64.numpy(), host_i32.numpy()
+        token_data = i64[: 3 * row_stride].reshape(3, row_stride)[:, :num_tokens]
+        sample_rows = i64[3 * row_stride :]
+        query_start_loc = i32[: num_seqs + 1]
+        seq_lens = i32[seq_lens_at : seq_lens_at + num_seqs]
+        block_tables = i32[block_tables_at:].reshape(num_seqs, width)
+
+        row = 0
+        sampled = 0
+        query_start_loc[0] = 0
+        for i, (rid, st) in enumerate(zip(order, states, strict=True)):
+            begin = start[rid]
+            num_new = scheduled[rid]
             end = begin + num_new
-            input_ids.extend(state.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            table = state.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(end)
-            tables.append(table)
-            if end == len(state.token_ids):
-                sample_rows.append(query_start_loc[-1] - 1)
-                sample_ids.append(request_id)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
+            table = st.block_ids
+            block_tables[i, : len(table)] = table
+            if num_new == 1:  # decodes: scalar writes beat building arrays
+                token_data[0, row] = st.token_ids[begin]
+                token_data[1, row] = begin
+                token_data[2, row] = int(table[begin // bs]) * bs + begin % bs
+            else:
+                pos = np.arange(begin, end)
+                token_data[0, row : row + num_new] = st.token_ids[begin:end]
+                token_data[1, row : row + num_new] = pos
+                token_data[2, row : row + num_new] = table[pos // bs].astype(np.int64) * bs + pos % bs
+            row += num_new
+            query_start_loc[i + 1] = row
+            seq_lens[i] = end
+            if sampled < len(sample_ids) and sample_ids[sampled] == rid:
+                sample_rows[sampled] = row - 1
+                sampled += 1
+        return HostBatch(
+            token_data=token_data,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            sample_rows=sample_rows,
+            sample_ids=sample_ids,
+            max_query_len=max(scheduled.values()),
+            host_i64=host_i64,
+            host_i32=host_i32,
+            row_stride=row_stride,
+            seq_lens_at=seq_lens_at,
+            block_tables_at=block_tables_at,
+        )
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is queued on the stream; the host does not wait.
+        return host.to(self.device, non_blocking=True) if self._pin else host
+
+    def device_inputs(self, batch: HostBatch) -> StepInputs:
+        t, b = batch.num_tokens, batch.num_seqs
+        i64 = self._to_device(batch.host_i64)
+        i32 = self._to_device(batch.host_i32)
+        r = batch.row_stride
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(plan.num_scheduled_tokens.values()),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            query_start_loc=i32[: b + 1],
+            seq_lens=i32[batch.seq_lens_at : batch.seq_lens_at + b],
+            block_tables=i32[batch.block_tables_at :].view(b, -1),
+            slot_mapping=i64[2 * r : 2 * r + t],
+            max_query_len=batch.max_query_len,
+            max_seq_len=int(batch.seq_lens.max()),
+            query_start_loc_cpu=batch.query_start_loc.tolist(),
+            seq_lens_cpu=batch.seq_lens.tolist(),
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=i64[:t],
+            positions=i64[r : r + t],
             meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            sample_ids=sample_ids,
+            sample_rows=None if batch.samples_every_row else i64[3 * r :],
         )
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        host = torch.tensor(copies, dtype=torch.int64).t().contiguous()  # (2, copies): sources, destinations
+        index = self._to_device(host.pin_memory() if self._pin else host)
+        src, dst = index[0], index[1]
         for cache in self.kv_caches:  # (2, num_blocks, block_size, kv_heads, head_dim)
             cache[:, dst] = cache[:, src]
+
+    def _forward(self, batch: HostBatch) -> torch.Tensor:
+        """Hidden states (S, hidden) of the rows to sample, in ``batch.sample_ids`` order."""
+        graphs = self.graphs
+        if graphs is not None and self.use_cuda_graphs and batch.samples_every_row:
+            bucket = graphs.bucket_for(batch.num_seqs)
+            if bucket is not None:
+                padded = pad_decode_batch(
+                    batch.token_data[0],
+                    batch.token_data[1],
+                    batch.token_data[2],
+                    batch.seq_lens,
+                    batch.block_tables,
+                    bucket,
+                    pin=self._pin,
+                )
+                return graphs.replay(padded)[: batch.num_seqs]
+        inputs = self.device_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, hidden)
+        return hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
 
     @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> StepResult:
         started = time.perf_counter()
         start = self._apply_plan(plan)
         self._copy_blocks(plan.block_copies)
-        inputs = self.prepare_inputs(plan, start)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if not plan.num_scheduled_tokens:
+            return StepResult(step_id=plan.step_id, request_ids=[], sampled_token_ids=[], logprobs=[],
+                              forward_ms=(time.perf_counter() - started) * 1000.0)
+        batch = self.host_batch(plan, start)
+        hidden = self._forward(batch)
         sampled_ids: list[list[int]] = []
         logprobs = []
-        if inputs.sample_ids:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # (S, vocab)
-            states = [self.states[rid].sampling for rid in inputs.sample_ids]
+        if batch.sample_ids:
+            logits = self.model.compute_logits(hidden)  # (S, vocab)
+            states = [self.states[rid].sampling for rid in batch.sample_ids]
             out = sample(logits, states, self._unseeded)
-            for rid, token_id, state in zip(inputs.sample_ids, out.token_ids, states, strict=True):
+            for rid, token_id, state in zip(batch.sample_ids, out.token_ids, states, strict=True):
                 self.states[rid].token_ids.append(token_id)
                 state.append_output(token_id)
                 sampled_ids.append([token_id])
             logprobs = [None if lp is None else [lp] for lp in out.logprobs]
         return StepResult(
             step_id=plan.step_id,
-            request_ids=inputs.sample_ids,
+            request_ids=batch.sample_ids,
             sampled_token_ids=sampled_ids,
             logprobs=logprobs if any(lp is not None for lp in logprobs) else [],
             forward_ms=(time.perf_counter() - started) * 1000.0,

@@ -37,7 +37,7 @@ class WorkerServer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device = DeviceInfo.resolve(config)
-        self.runner = ModelRunner(config, model_path, device)
+        self.runner = ModelRunner(config, model_path, device, use_cuda_graphs=not config.enforce_eager)
         self.device_name = device.describe()
         self.model_name = model_path.name if config.load_format != "dummy" else str(config.model)
         self._ctx = zmq.Context()

@@ -6,17 +6,23 @@ kernels over the whole batch:
 * a pure-decode batch (every sequence has exactly one new token) goes to the
   flash-decoding kernel, which splits long contexts across programs so a small
   batch still fills the GPU;
-* any other batch, mixed prefill + decode included, goes to the prefill kernel,
-  which handles any query length per sequence (a decode row is a query of
-  length 1). Splitting a mixed batch into two launches would need the decode
-  rows to be contiguous and their metadata sliced on the host for every layer,
-  for little gain: decode rows are a small part of a mixed batch's work.
+* a mixed batch whose leading sequences are decodes (the model runner lays
+  batches out that way) sends those to the decode kernel and the rest to the
+  prefill kernel. In the prefill kernel a decode row would occupy one row of a
+  query tile sized for the longest prompt chunk (up to 128 rows), so its whole
+  context would be multiplied by mostly masked rows;
+* any other batch goes to the prefill kernel alone, which handles any query
+  length per sequence (a decode row is a query of length 1).
 
 Only host-side sizes (``*_cpu`` lists, ``max_query_len``) choose and size the
-launches, so a forward never waits for the device.
+launches, so a forward never waits for the device. The decode kernel's split
+count comes from ``max_seq_len`` alone, which CUDA graphs of decode steps rely
+on (see ``worker.cuda_graphs``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +32,55 @@ from kernels.reshape_and_cache import reshape_and_cache
 from worker.attention.base import AttentionBackend, AttentionMetadata
 
 
+def num_leading_decodes(query_start_loc: list[int]) -> int:
+    """How many sequences, from the first, have exactly one new token, starting at row 0."""
+    if not query_start_loc or query_start_loc[0] != 0:
+        return 0
+    n = 0
+    while n + 1 < len(query_start_loc) and query_start_loc[n + 1] == n + 1:
+        n += 1
+    return n
+
+
+@dataclass
+class _MixedSplit:
+    """A mixed batch cut after its leading decodes, built once per batch."""
+
+    meta: AttentionMetadata
+    num_decodes: int
+    # The other sequences' metadata. Copies rather than views when cut: Triton
+    # specialises kernels on the 16-byte alignment of pointers, and a view at an
+    # arbitrary offset would build new kernel variants while serving.
+    query_start_loc: torch.Tensor  # (B - num_decodes + 1,) int32
+    seq_lens: torch.Tensor  # (B - num_decodes,) int32
+    block_tables: torch.Tensor  # (B - num_decodes, max_blocks) int32
+
+
 class TritonAttentionBackend(AttentionBackend):
     """:class:`AttentionBackend` over the Triton paged-attention kernels."""
+
+    # Shared by all layers' instances: the split of the batch being run, rebuilt
+    # when another AttentionMetadata object comes in.
+    _split_cache: _MixedSplit | None = None
+
+    @staticmethod
+    def _split(meta: AttentionMetadata) -> _MixedSplit:
+        cached = TritonAttentionBackend._split_cache
+        if cached is not None and cached.meta is meta:
+            return cached
+        n = num_leading_decodes(meta.query_start_loc_cpu)
+        if n == 0:
+            split = _MixedSplit(meta, 0, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        else:
+            split = _MixedSplit(
+                meta,
+                n,
+                meta.query_start_loc[n:].clone(),
+                meta.seq_lens[n:].clone(),
+                meta.block_tables[n:].clone(),
+            )
+        TritonAttentionBackend._split_cache = split
+        return split
 
     def forward(
         self,
@@ -63,12 +116,26 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out[:num_seqs],
             )
         else:
+            split = self._split(meta)
+            n = split.num_decodes
+            if n:
+                paged_decode_attention(
+                    q[:n],
+                    kv_cache,
+                    meta.block_tables[:n],
+                    meta.seq_lens[:n],
+                    self.scale,
+                    meta.max_seq_len,
+                    out=out[:n],
+                )
+            # Rows are addressed through query_start_loc, so the other sequences need
+            # no renumbering, and the prefill kernel leaves the decode rows alone.
             paged_prefill_attention(
                 q,
                 kv_cache,
-                meta.query_start_loc,
-                meta.seq_lens,
-                meta.block_tables,
+                split.query_start_loc,
+                split.seq_lens,
+                split.block_tables,
                 self.scale,
                 meta.max_query_len,
                 out=out,

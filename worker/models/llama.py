@@ -11,6 +11,12 @@ quantisation can later swap the layer classes; the fused ``qkv_proj`` and
 ``gate_up_proj`` record their part sizes (``qkv_sizes``, ``gate_up_sizes``) for
 that.
 
+The elementwise stages (RMSNorm with its residual add, rotary embedding,
+SiLU-and-multiply) are layer classes too, picked once at construction through
+``LayerOps``: plain torch on the CPU (``TORCH_OPS``), the fused Triton kernels of
+``kernels/`` on a GPU (``TRITON_OPS``). The forward passes never branch on the
+device.
+
 Parameter names are Hugging Face's without the ``model.`` prefix, except for
 the fused modules; the loaders address weights by their Hugging Face names
 through ``WeightFiller``, which fills row ranges of the fused modules.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +57,25 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps), x
 
 
+class TritonRMSNorm(RMSNorm):
+    """:class:`RMSNorm` through ``kernels.rmsnorm``: the residual add and the norm in
+    one pass over the activations instead of three kernels."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        # Imported here, not at the top: triton is an optional dependency that only
+        # models built for a GPU need.
+        from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+        self._rms_norm = rms_norm
+        self._fused_add_rms_norm = fused_add_rms_norm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._rms_norm(x, self.weight, self.eps), x
+        return self._fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Rotary frequencies (head_dim / 2,) in fp32, Llama 3 scaling applied if configured."""
     d = config.head_dim
@@ -71,8 +97,99 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin)
 
 
+class Rotary(nn.Module):
+    """Rotary embedding of queries and keys in torch ops.
+
+    Work that depends only on the positions is done once per forward pass by
+    ``step_inputs`` (on the model's one instance); every attention layer then
+    calls its own instance with the result.
+    """
+
+    def step_inputs(
+        self,
+        cos_table: torch.Tensor,  # (max_positions, D / 2)
+        sin_table: torch.Tensor,  # (max_positions, D / 2)
+        positions: torch.Tensor,  # (T,) int64
+    ) -> tuple[torch.Tensor, ...]:
+        """``(cos, signed sin)``, each (T, 1, D): the rotation gathered once per step
+        rather than once per layer."""
+        cos = cos_table[positions]  # (T, D / 2)
+        sin = sin_table[positions]
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+    def forward(self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``qk`` (T, H + KV, D), the ``num_q_heads`` query heads followed by the key
+        heads, rotated (a new tensor here; subclasses may rotate in place)."""
+        cos, sin = step
+        # Queries and keys get the same rotation, so one call covers both.
+        return apply_rotary(qk, cos, sin)
+
+
+class TritonRotary(Rotary):
+    """:class:`Rotary` through ``kernels.rotary``: one in-place kernel per layer that
+    reads each token's cos/sin row straight from the tables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # triton is optional: see TritonRMSNorm.
+        from kernels.rotary import apply_rotary as rotate_in_place
+
+        self._rotate_in_place = rotate_in_place
+
+    def step_inputs(
+        self, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return positions, cos_table, sin_table
+
+    def forward(self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        positions, cos_table, sin_table = step
+        self._rotate_in_place(qk[:, :num_q_heads], qk[:, num_q_heads:], positions, cos_table, sin_table)
+        return qk
+
+
+class SiluAndMul(nn.Module):
+    """``silu(gate) * up`` of a fused (T, 2 I) gate/up projection, in torch ops."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:  # (T, 2 I) -> (T, I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class TritonSiluAndMul(SiluAndMul):
+    """:class:`SiluAndMul` through ``kernels.activation``: one kernel instead of two and
+    no (T, I) intermediate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # triton is optional: see TritonRMSNorm.
+        from kernels.activation import silu_and_mul
+
+        self._silu_and_mul = silu_and_mul
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._silu_and_mul(gate_up)
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The implementations of the model's elementwise stages."""
+
+    norm: type[RMSNorm]
+    rotary: type[Rotary]
+    activation: type[SiluAndMul]
+
+
+TORCH_OPS = LayerOps(norm=RMSNorm, rotary=Rotary, activation=SiluAndMul)
+TRITON_OPS = LayerOps(norm=TritonRMSNorm, rotary=TritonRotary, activation=TritonSiluAndMul)
+
+
+def default_layer_ops(device: str | torch.device) -> LayerOps:
+    """The fused Triton stages on a GPU, plain torch elsewhere."""
+    return TRITON_OPS if torch.device(device).type == "cuda" else TORCH_OPS
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend]) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -80,67 +197,67 @@ class LlamaAttention(nn.Module):
         self.qkv_sizes = (config.q_size, config.kv_size, config.kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.rotary = ops.rotary()
         self.attn = attn_backend(config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5)
 
     def forward(
         self,
         x: torch.Tensor,  # (T, hidden)
-        cos: torch.Tensor,  # (T, 1, D)
-        sin: torch.Tensor,  # (T, 1, D)
+        rope: tuple[torch.Tensor, ...],  # this step's Rotary.step_inputs
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KV, D)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         h, kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.head_dim)  # (T, H + 2 KV, D)
-        # q and k are adjacent heads of qkv, so one rotary call covers both.
-        qk = apply_rotary(qkv[:, : h + kv], cos, sin)  # (T, H + KV, D)
+        qk = self.rotary(qkv[:, : h + kv], h, rope)  # (T, H + KV, D): q and k are adjacent heads of qkv
         out = self.attn.forward(qk[:, :h], qk[:, h:], qkv[:, h + kv :], kv_cache, meta)  # (T, H, D)
         return self.o_proj(out.reshape(t, h * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, ops: LayerOps) -> None:
         super().__init__()
         self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.act = ops.activation()
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
-        gate_up = self.gate_up_proj(x)  # (T, 2 I)
-        gate, up = gate_up.split(self.gate_up_sizes, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # via (T, 2 I) and (T, I)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend]) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, attn_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, attn_backend, ops)
+        self.post_attention_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, ops)
 
     def forward(
         self,
         hidden: torch.Tensor,  # (T, hidden)
         residual: torch.Tensor | None,  # (T, hidden); None before the first layer
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the block's output and the residual stream, not yet added together;
         the next layer's norm adds them, saving one pass over the activations."""
         x, residual = self.input_layernorm(hidden, residual)
-        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x = self.self_attn(x, rope, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend]) -> None:
+    def __init__(
+        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps = TORCH_OPS
+    ) -> None:
         super().__init__()
         self.config = config
+        self.ops = ops
         # An explicit weight skips nn.Embedding's random init, which on the meta
         # device (see build_model) costs seconds of one-off setup in torch.
         self.embed_tokens = nn.Embedding(
@@ -148,8 +265,9 @@ class LlamaForCausalLM(nn.Module):
             config.hidden_size,
             _weight=torch.empty(config.vocab_size, config.hidden_size),
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, ops) for _ in range(config.num_layers))
+        self.norm = ops.norm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = ops.rotary()
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -192,14 +310,10 @@ class LlamaForCausalLM(nn.Module):
         """Final-normed hidden states (T, hidden) of the new tokens; feed the rows to
         sample to ``compute_logits``."""
         hidden = self.embed_tokens(input_ids)  # (T, hidden)
-        # Gather the rotation once per step rather than once per layer.
-        cos = self.rope_cos[positions]  # (T, D / 2)
-        sin = self.rope_sin[positions]
-        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # (T, 1, D)
-        sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)  # (T, 1, D)
+        rope = self.rotary.step_inputs(self.rope_cos, self.rope_sin, positions)
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, meta)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -245,15 +359,17 @@ def build_model(
     *,
     dtype: torch.dtype,
     device: str | torch.device,
+    ops: LayerOps | None = None,
 ) -> LlamaForCausalLM:
     """The model with uninitialised parameters allocated directly on ``device``.
 
     Built on the meta device first, so no time goes into random initialisation
     and no full-size copy crosses from host to device; the loaders then fill
-    every parameter in place.
+    every parameter in place. ``ops`` defaults to the device's
+    (``default_layer_ops``).
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, attn_backend)
+        model = LlamaForCausalLM(config, attn_backend, ops or default_layer_ops(device))
     model.to(dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()

@@ -1,0 +1,258 @@
+"""Decode CUDA graphs: bucket choice and padding (anywhere), replay against eager (GPU).
+
+On the CPU the padded decode batch runs eagerly through ``DecodeGraphs.run_eager``
+on a tiny random model, which checks that padding rows change nothing for the
+real ones. The ``gpu`` tests load dummy weights at the Llama-3.2-1B shape through
+the real model runner (bf16, Triton kernels, graphs captured at start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.request import Request
+from scheduler.scheduler import Scheduler
+from shared.config import SchedulerConfig, WorkerConfig
+from shared.messages import SamplingParams
+from worker.attention.base import AttentionMetadata
+from worker.cuda_graphs import (
+    DECODE_BUCKETS,
+    PAD_SEQ_LEN,
+    PAD_SLOT,
+    DecodeGraphs,
+    PaddedDecode,
+    bucket_for,
+    pad_decode_batch,
+)
+from worker.device import DeviceInfo
+from worker.loader import load_model
+from worker.model_runner import ModelRunner
+from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+
+ON_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def test_buckets_cover_every_batch_up_to_256() -> None:
+    assert DECODE_BUCKETS[:4] == (1, 2, 4, 8) and DECODE_BUCKETS[-1] == 256
+    assert list(DECODE_BUCKETS) == sorted(set(DECODE_BUCKETS))
+    for n in range(1, 257):
+        bucket = bucket_for(n, DECODE_BUCKETS)
+        assert bucket is not None and n <= bucket
+        assert bucket == n or bucket - n < max(n // 2 + 1, 8), (n, bucket)  # padding stays small
+    assert [bucket_for(n, DECODE_BUCKETS) for n in (1, 3, 5, 9, 17, 250)] == [1, 4, 8, 16, 24, 256]
+    assert bucket_for(257, DECODE_BUCKETS) is None
+
+
+# input_ids, positions, slot_mapping, seq_lens, block_tables: pad_decode_batch's arguments
+DecodeBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def random_decode(
+    n: int, rng: np.random.Generator, *, num_blocks: int, block_size: int, max_len: int, vocab: int
+) -> DecodeBatch:
+    """(input_ids, positions, slot_mapping, seq_lens, block_tables) of ``n`` decodes over
+    distinct, scattered blocks."""
+    seq_lens = rng.integers(1, max_len + 1, n).astype(np.int32)
+    blocks_each = -(-seq_lens // block_size)
+    blocks = rng.permutation(num_blocks)[: int(blocks_each.sum())]
+    tables = np.zeros((n, int(blocks_each.max())), dtype=np.int32)
+    used = 0
+    for i, k in enumerate(blocks_each):
+        tables[i, :k] = blocks[used : used + k]
+        used += k
+    positions = seq_lens.astype(np.int64) - 1
+    slots = tables[np.arange(n), positions // block_size].astype(np.int64) * block_size + positions % block_size
+    input_ids = rng.integers(0, vocab, n).astype(np.int64)
+    return input_ids, positions, slots, seq_lens, tables
+
+
+def test_padding_rows() -> None:
+    ids = np.array([5, 6, 7])
+    positions = np.array([10, 0, 33])
+    slots = np.array([170, 16, 81])
+    seq_lens = np.array([11, 1, 34], dtype=np.int32)
+    tables = np.array([[3, 10, 0], [1, 0, 0], [7, 8, 5]], dtype=np.int32)
+    padded = pad_decode_batch(ids, positions, slots, seq_lens, tables, 8, pin=False)
+    assert padded.bucket == 8 and padded.num_seqs == 3
+    assert padded.token_data.tolist() == [
+        [5, 6, 7, 0, 0, 0, 0, 0],
+        [10, 0, 33, 0, 0, 0, 0, 0],
+        [170, 16, 81, PAD_SLOT, PAD_SLOT, PAD_SLOT, PAD_SLOT, PAD_SLOT],
+    ]
+    assert padded.seq_lens.tolist() == [11, 1, 34] + [PAD_SEQ_LEN] * 5
+    assert padded.block_tables.tolist() == tables.tolist() + [[0, 0, 0]] * 5
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_decode_batch(ids, positions, slots, seq_lens, tables, 2, pin=False)
+
+
+def eager_decode(
+    model: LlamaForCausalLM, kv_caches: list[torch.Tensor], batch: DecodeBatch, max_seq_len: int | None = None
+) -> torch.Tensor:
+    """The unpadded batch through the model, as the runner's eager path runs it: (n, hidden).
+    ``max_seq_len`` (default: the batch's) only picks the decode kernel's split count."""
+    input_ids, positions, slots, seq_lens, tables = batch
+    n = len(input_ids)
+    dev = kv_caches[0].device
+    meta = AttentionMetadata(
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=dev),
+        seq_lens=torch.from_numpy(seq_lens).to(dev),
+        block_tables=torch.from_numpy(tables).to(dev),
+        slot_mapping=torch.from_numpy(slots).to(dev),
+        max_query_len=1,
+        max_seq_len=int(seq_lens.max()) if max_seq_len is None else max_seq_len,
+        query_start_loc_cpu=list(range(n + 1)),
+        seq_lens_cpu=seq_lens.tolist(),
+    )
+    return model(torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), kv_caches, meta)
+
+
+@torch.inference_mode()
+def test_padded_decode_equals_unpadded_on_cpu(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    model, config = load_model(tmp_path, load_format="dummy", seed=1)
+    block_size, num_blocks, max_len = 4, 200, 40
+    kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for cache in kv_caches:
+        cache.normal_(generator=gen)
+    graphs = DecodeGraphs(model, kv_caches, max_seq_len=max_len, block_size=block_size, buckets=(1, 2, 4, 8))
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 5, 8):
+        batch = random_decode(n, rng, num_blocks=num_blocks, block_size=block_size, max_len=max_len, vocab=256)
+        bucket = graphs.bucket_for(n)
+        assert bucket is not None
+        padded: PaddedDecode = pad_decode_batch(*batch, bucket, pin=False)
+        before = [cache.clone() for cache in kv_caches]
+        out = graphs.run_eager(padded)
+        assert out.shape == (bucket, config.hidden_size) and bool(out.isfinite().all())
+        # Only the real rows' slots were written: the padding rows write nothing.
+        changed = set()
+        for old, new in zip(before, kv_caches, strict=True):
+            diff = (old != new).reshape(2, num_blocks * block_size, -1).any(dim=2).any(dim=0)
+            changed |= set(diff.nonzero().flatten().tolist())
+        assert changed <= set(batch[2].tolist())
+        ref = eager_decode(model, kv_caches, batch)
+        torch.testing.assert_close(out[:n], ref, rtol=1e-5, atol=1e-5)
+
+
+# --- GPU -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_runner() -> ModelRunner:
+    config = WorkerConfig(
+        model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=4096, gpu_memory_utilization=0.5
+    )
+    runner = ModelRunner(config, "llama-3.2-1b", DeviceInfo.resolve(config))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for cache in runner.kv_caches:
+        cache.normal_(generator=gen)  # attention over random context, not zeros
+    return runner
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replay_equals_eager_at_the_same_bucket(gpu_runner: ModelRunner, seed: int) -> None:
+    """Graph replay and the same padded batch run eagerly: bit-identical hidden states
+    and greedy tokens, for random decode batches of many sizes."""
+    runner = gpu_runner
+    graphs = runner.graphs
+    assert graphs is not None and graphs.captured
+    rng = np.random.default_rng(seed)
+    sizes = [1, 2, 3, 7, 8, 9, 31, 64, 100, 255, 256, *rng.integers(1, 257, 6).tolist()]
+    with torch.inference_mode():
+        for n in sizes:
+            batch = random_decode(
+                n, rng, num_blocks=runner.num_blocks, block_size=runner.block_size, max_len=2048,
+                vocab=runner.model_config.vocab_size,
+            )
+            bucket = graphs.bucket_for(n)
+            assert bucket is not None
+            padded = pad_decode_batch(*batch, bucket, pin=True)
+            replayed = graphs.replay(padded)[:n].clone()
+            eager = graphs.run_eager(padded)[:n]
+            assert torch.equal(replayed, eager), n
+            tokens = runner.model.compute_logits(replayed).argmax(dim=-1)
+            assert torch.equal(tokens, runner.model.compute_logits(eager).argmax(dim=-1)), n
+            # The unpadded batch with the graphs' split count: identical when no row is
+            # padding; otherwise other GEMM shapes and split counts round differently
+            # (bf16 over 16 layers), while a padding bug would change rows entirely.
+            ref = eager_decode(runner.model, runner.kv_caches, batch, max_seq_len=graphs.max_seq_len)
+            if n == bucket:
+                assert torch.equal(replayed, ref), n
+            else:
+                err = ((replayed.float() - ref.float()).norm() / ref.float().norm()).item()
+                assert err < 5e-2, (n, err)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_runner_replays_decodes_and_syncs_once_per_step(gpu_runner: ModelRunner) -> None:
+    """Decode steps replay a graph and wait for the device once (the sampled tokens);
+    prefill steps run eagerly; clearing ``use_cuda_graphs`` turns replays off."""
+    runner = gpu_runner
+    graphs = runner.graphs
+    assert graphs is not None
+    runner.reset()
+    scheduler = Scheduler(SchedulerConfig(), KVCacheManager(runner.num_blocks, runner.block_size), runner.max_model_len)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        prompt = rng.integers(0, 32000, int(rng.integers(5, 300))).tolist()
+        params = SamplingParams(max_tokens=int(rng.integers(4, 20)), temperature=0.0 if i % 2 else 0.8, seed=i)
+        scheduler.add_request(Request(f"r{i}", prompt, params))
+    decode_steps = 0
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        assert plan is not None
+        replays = graphs.num_replays
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                result = runner.execute(plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in record if "synchroniz" in str(w.message)]
+        # A decode batch: one token for each request, and each one sampled.
+        decode_only = len(result.request_ids) == sum(plan.num_scheduled_tokens.values())
+        assert graphs.num_replays == replays + int(decode_only)
+        if decode_only:
+            decode_steps += 1
+            assert len(syncs) == 1, syncs
+        scheduler.update_from_output(plan, result)
+    assert decode_steps > 5
+    runner.use_cuda_graphs = False
+    try:
+        replays = graphs.num_replays
+        scheduler.add_request(Request("eager", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0)))
+        while scheduler.has_work():
+            plan = scheduler.schedule()
+            assert plan is not None
+            scheduler.update_from_output(plan, runner.execute(plan))
+        assert graphs.num_replays == replays
+    finally:
+        runner.use_cuda_graphs = True
