@@ -103,6 +103,8 @@ def decode_body(raw: bytes, cls: type[msgspec.Struct]) -> Any:
         raise APIError(400, f"invalid request: {e}", param=match.group(1) if match else None) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
 
 
 def _check(ok: bool, message: str, param: str) -> None:
