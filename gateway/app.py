@@ -121,7 +121,6 @@ class Services:
 
     limiter: RateLimiter
     cache: ResponseCache | None
-    metrics: GatewayMetrics
 
 
 class Gateway:
@@ -151,7 +150,7 @@ class Gateway:
             cache = ResponseCache(c.redis_url, ttl_s=c.response_cache_ttl_s,
                                   max_entry_bytes=c.response_cache_max_entry_bytes,
                                   on_error=self.metrics.observe_cache_error)
-        self.services = Services(limiter, cache, self.metrics)
+        self.services = Services(limiter, cache)
         await self.engine.start()
 
     async def stop(self) -> None:
