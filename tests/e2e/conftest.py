@@ -14,7 +14,9 @@ from tests.stack import ServeStack
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeStack]:
     log = tmp_path_factory.mktemp("stack") / "serve.log"
-    server = ServeStack("--kv-cache-gb", "0.5", "--max-num-batched-tokens", "1024", log_path=log)
+    # No response cache: these tests compare real generations (the cache has its own tests).
+    server = ServeStack("--kv-cache-gb", "0.5", "--max-num-batched-tokens", "1024", "--response-cache", "false",
+                        log_path=log)
     try:
         server.wait_ready()
         yield server
