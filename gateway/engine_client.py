@@ -79,7 +79,8 @@ class EngineClient:
         if time.monotonic() - self._status_time > _STATUS_STALE_S:
             return f"the scheduler at {self.scheduler_address} stopped answering"
         if not self.status.workers_ready:
-            return self.status.error or "the worker group is still starting"
+            return f"the worker group is down: {self.status.error}" if self.status.error else \
+                "the worker group is still starting"
         return None
 
     # -- requests ------------------------------------------------------------

@@ -95,7 +95,7 @@ class SchedulerServer:
 
     def run(self) -> None:
         log.info("scheduler listening: gateways at %s, workers at %s (waiting for %d rank(s))",
-                 self.config.gateway_address, self.config.worker_address, self.config.world_size)
+                 self.config.gateway_address, self.config.worker_address, self.config.tp)
         poller = zmq.Poller()
         poller.register(self._gateway_sock, zmq.POLLIN)
         poller.register(self._worker_sock, zmq.POLLIN)
@@ -306,13 +306,13 @@ class SchedulerServer:
                 self._group_down(f"rank {msg.rank} failed: {msg.message}")
 
     def _on_worker_ready(self, routing_id: bytes, msg: m.WorkerReady) -> None:
-        if msg.world_size != self.config.world_size:
-            log.error("rank %d reports world size %d, expected %d; ignored",
-                      msg.rank, msg.world_size, self.config.world_size)
+        if msg.world_size != self.config.tp:
+            log.error("rank %d reports a group of %d, expected %d (--tp); ignored",
+                      msg.rank, msg.world_size, self.config.tp)
             return
         self._ranks[msg.rank] = routing_id
         self._ready[msg.rank] = msg
-        if len(self._ready) < self.config.world_size:
+        if len(self._ready) < self.config.tp:
             return
         head = self._ready[0]
         kv_cache = KVCacheManager(
@@ -323,7 +323,7 @@ class SchedulerServer:
         self.scheduler = Scheduler(self.config, kv_cache, head.max_model_len, self._record_batches)
         self._group_error = None
         log.info("worker group ready: %d rank(s), model %s on %s, %d KV blocks of %d tokens, "
-                 "max model length %d", self.config.world_size, head.model, head.device,
+                 "max model length %d", self.config.tp, head.model, head.device,
                  kv_cache.num_blocks, head.block_size, head.max_model_len)
         pending, self._pending = self._pending, []
         for gateway_id, add in pending:
@@ -357,10 +357,11 @@ class SchedulerServer:
         self._in_flight = None
         self._ranks.clear()
         self._ready.clear()
+        message = f"the worker group is down: {reason}"
         if self.scheduler is not None:
-            self._publish(self.scheduler.fail_all(reason))
+            self._publish(self.scheduler.fail_all(message))
         self.scheduler = None
-        error = m.ErrorInfo(503, f"the worker group is down: {reason}", "engine_error")
+        error = m.ErrorInfo(503, message, "engine_error")
         deferred, self._deferred = self._deferred, []
         pending, self._pending = self._pending, []
         for routing_id, msg in deferred + pending:

@@ -3,7 +3,7 @@
     loomserve serve        scheduler + worker + gateway on this host (the default model if none given)
     loomserve gateway      the HTTP gateway alone
     loomserve scheduler    the scheduler alone
-    loomserve worker       one worker alone
+    loomserve worker       one worker group alone (--tp N: N ranks, one process each)
     loomserve fetch-model  download the default model into the cache and exit
 
 Each option also reads an environment variable (``--max-num-seqs`` from
@@ -32,7 +32,7 @@ from shared.process import setup_logging
 
 log = logging.getLogger("loomserve")
 
-_SERVE_SKIPS = ("gateway_address", "worker_address", "scheduler_address", "rank")
+_SERVE_SKIPS = ("gateway_address", "worker_address", "scheduler_address", "ranks", "dist_init_address")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve, WorkerConfig, skip=_SERVE_SKIPS)
     add_arguments(sub.add_parser("gateway", help="run the HTTP gateway"), GatewayConfig)
     add_arguments(sub.add_parser("scheduler", help="run the scheduler"), SchedulerConfig)
-    add_arguments(sub.add_parser("worker", help="run one worker"), WorkerConfig)
+    add_arguments(sub.add_parser("worker", help="run a worker group (or some of its ranks)"), WorkerConfig)
     sub.add_parser("fetch-model", help="download the default model into the cache")
     return parser
 
@@ -67,7 +67,7 @@ def _serve(ns: argparse.Namespace) -> int:
         log.info("%s: %s", type(config).__name__, describe(config))
     children = [
         Child("scheduler", ["scheduler", *config_argv(scheduler)]),
-        Child("worker", ["worker", *config_argv(worker)]),
+        Child("worker", ["worker", *config_argv(worker)], restartable=True),
         Child("gateway", ["gateway", *config_argv(gateway)]),
     ]
     supervisor = Supervisor(children, f"http://{gateway.host}:{gateway.port}/health")
@@ -97,11 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("config: %s", describe(config))
             serve_scheduler(config)
         elif ns.command == "worker":
-            from worker.server import serve_worker
+            from worker.group import run_worker_group
 
             wconfig = from_namespace(WorkerConfig, ns)
             log.info("config: %s", describe(wconfig))
-            serve_worker(wconfig)
+            return run_worker_group(wconfig)
         elif ns.command == "gateway":
             from gateway.server import serve_gateway
 

@@ -39,7 +39,7 @@ class SchedulerConfig:
     queue_timeout_s: float | None = _opt(None, "fail a request still waiting after this long (default: never)")
     queue_full_retry_after_s: float = _opt(1.0, "Retry-After sent with a 503 for a full queue")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
-    world_size: int = _opt(1, "ranks in the worker group (tensor parallel size)")
+    tp: int = _opt(1, "tensor-parallel size: the ranks of the worker group the scheduler waits for")
     step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")
     otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
@@ -59,7 +59,11 @@ class WorkerConfig:
     num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
     seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
     enforce_eager: bool = _opt(False, "never replay CUDA graphs for decode steps (debugging, memory)")
-    rank: int = _opt(0, "this process's rank in the worker group")
+    tp: int = _opt(1, "tensor-parallel size: ranks in the worker group, one process per GPU")
+    ranks: str | None = _opt(None, "ranks of the group this command starts (default: all); on several hosts, "
+                                   "e.g. 0-3 on one and 4-7 on another")
+    dist_init_address: str | None = _opt(None, "host:port where the ranks of a group meet (rank 0's host); "
+                                               "default: a free local port when all ranks run here")
     otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
 

@@ -4,7 +4,13 @@ Children live in their own process group, so Ctrl-C reaches only the supervisor,
 which then stops them in order: the gateway first (it drains open streams),
 then the scheduler and workers. Each child also gets SIGTERM from the kernel if
 the supervisor dies (PR_SET_PDEATHSIG), and watches its parent pid as a
-backup. If any child exits on its own, the others are stopped and ``serve``
+backup.
+
+A worker group that dies (a rank crashed, was killed, or failed a step) is
+started again: the scheduler has already failed its in-flight requests and
+answers 503 until every rank registers again. More than ``_MAX_RESTARTS``
+restarts within ``_RESTART_WINDOW_S`` means it will not get better: then, as
+when the scheduler or the gateway exits, the others are stopped and ``serve``
 exits non-zero: no half-alive service, no orphans.
 """
 
@@ -20,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shared.process import die_with_parent, install_stop_handler
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _GRACE_S = 35.0  # the gateway's own graceful-shutdown timeout is 30 s
 _KILL_AFTER_S = 10.0
+_MAX_RESTARTS = 3
+_RESTART_WINDOW_S = 600.0
 
 
 def config_argv(config: Any) -> list[str]:
@@ -46,7 +54,13 @@ def config_argv(config: Any) -> list[str]:
 class Child:
     name: str
     argv: list[str]
+    restartable: bool = False
     proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)  # monotonic times
+
+    def may_restart(self, now: float) -> bool:
+        self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW_S]
+        return self.restartable and len(self.restarts) < _MAX_RESTARTS
 
 
 class Supervisor:
@@ -77,10 +91,18 @@ class Supervisor:
             for child in self.children:
                 assert child.proc is not None
                 code = child.proc.poll()
-                if code is not None:
-                    log.error("%s exited with code %d; stopping the others", child.name, code)
-                    self.shutdown()
-                    return 1
+                if code is None:
+                    continue
+                now = time.monotonic()
+                if not self._stop_requested and child.may_restart(now):
+                    child.restarts.append(now)
+                    log.error("%s exited with code %d; starting it again (restart %d of at most %d in %.0f s)",
+                              child.name, code, len(child.restarts), _MAX_RESTARTS, _RESTART_WINDOW_S)
+                    self._spawn(child)
+                    continue
+                log.error("%s exited with code %d; stopping the others", child.name, code)
+                self.shutdown()
+                return 1
             if self._stop_requested:
                 self.shutdown()
                 return 0

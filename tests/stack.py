@@ -90,6 +90,16 @@ class ServeStack:
             time.sleep(0.3)
         raise TimeoutError(f"loomserve did not become ready in {timeout} s: {self.log_tail()}")
 
+    def wait_unhealthy(self, timeout: float = 3.0) -> dict[str, Any]:
+        """Wait for /health to answer 503 (the gateway polls the scheduler each second)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, info = self.get("/health")
+            if status == 503:
+                return info
+            time.sleep(0.05)
+        raise AssertionError(f"/health did not turn unhealthy in {timeout} s")
+
     def log_tail(self) -> str:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-3000:]

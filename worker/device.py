@@ -21,6 +21,8 @@ class DeviceInfo:
 
     @classmethod
     def resolve(cls, config: WorkerConfig) -> DeviceInfo:
+        """``config.device``; "cuda" without an index is the first GPU (the group
+        launcher gives each of its ranks an explicit one)."""
         name = config.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"

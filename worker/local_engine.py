@@ -14,14 +14,18 @@ from shared.config import SchedulerConfig, WorkerConfig
 from shared.messages import RequestOutput, SamplingParams
 from worker.device import DeviceInfo
 from worker.model_runner import ModelRunner
+from worker.parallel import SINGLE, TensorParallel
 
 
 class LocalEngine:
     def __init__(self, scheduler_config: SchedulerConfig, worker_config: WorkerConfig,
-                 model_path: Path | str, record_batches: bool = False) -> None:
-        self.runner = ModelRunner(worker_config, model_path, DeviceInfo.resolve(worker_config))
-        kv_cache = KVCacheManager(self.runner.num_blocks, self.runner.block_size,
-                                  scheduler_config.enable_prefix_caching)
+                 model_path: Path | str, record_batches: bool = False, tp: TensorParallel = SINGLE) -> None:
+        """``tp``: this process's rank of a tensor-parallel group; every rank runs its own
+        engine on the same requests, and the identical schedulers keep the ranks in step."""
+        self.runner = ModelRunner(worker_config, model_path, DeviceInfo.resolve(worker_config), tp=tp)
+        # Every rank's scheduler must see the same cache, as the service's one scheduler does.
+        num_blocks = tp.all_min(self.runner.num_blocks, self.runner.device)
+        kv_cache = KVCacheManager(num_blocks, self.runner.block_size, scheduler_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, kv_cache, self.runner.max_model_len, record_batches)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,

@@ -18,6 +18,10 @@ On a GPU:
 * a step's inputs go to the device as non-blocking copies from pinned host
   memory, so the host waits for the device once per step: in the sampler's one
   ``tolist`` of the sampled tokens.
+
+In a tensor-parallel group (``worker.parallel``) every rank runs the same
+steps on its share of the model; every rank sees the whole logits, rank 0
+samples and broadcasts the tokens, so all ranks extend their requests alike.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from worker.cuda_graphs import DecodeGraphs, pad_decode_batch
 from worker.device import DeviceInfo
 from worker.loader import load_model
 from worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
+from worker.parallel import SINGLE, TensorParallel
 from worker.sampler import SamplingState, sample
 
 log = logging.getLogger(__name__)
@@ -124,8 +129,10 @@ class ModelRunner:
         device: DeviceInfo,
         *,
         use_cuda_graphs: bool = True,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         self.config = config
+        self.tp = tp
         self.device = device.device
         self.dtype = device.dtype
         self._pin = device.is_cuda
@@ -137,6 +144,7 @@ class ModelRunner:
             device=self.device,
             seed=config.seed,
             attn_backend=device.attention_backend(),
+            tp=tp,
         )
         log.info("model loaded in %.1f s", time.monotonic() - started)
         self.model.eval()
@@ -151,7 +159,8 @@ class ModelRunner:
             if self.use_cuda_graphs:
                 reserved += CUDA_GRAPH_RESERVE_BYTES
         available = device.kv_cache_bytes(config, reserved)
-        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        self.num_kv_heads = self.model.num_kv_heads  # this rank's
+        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.num_kv_heads)
         self.num_blocks = available // bytes_per_block
         if self.num_blocks < 2:
             raise RuntimeError(
@@ -160,7 +169,7 @@ class ModelRunner:
                 f"or use a smaller model"
             )
         self.kv_caches = allocate_kv_caches(
-            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device, self.num_kv_heads
         )
         log.info("KV cache: %d blocks of %d tokens, %.2f GiB", self.num_blocks, self.block_size,
                  self.num_blocks * bytes_per_block / (1 << 30))
@@ -196,7 +205,8 @@ class ModelRunner:
         lens = [seq_len] * (num_seqs - 1) + [PROFILE_NUM_TOKENS - seq_len * (num_seqs - 1)]
         starts = np.concatenate(([0], np.cumsum(lens))).tolist()
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.dtype, dev)
+        scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.dtype, dev,
+                                     self.model.num_kv_heads)
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
@@ -376,6 +386,14 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, hidden)
         return hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
 
+    def _share_tokens(self, token_ids: list[int], count: int) -> list[int]:
+        """Rank 0's sampled tokens on every rank of the group."""
+        if self.tp.rank == 0:
+            shared = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        else:
+            shared = torch.empty(count, dtype=torch.int64, device=self.device)
+        return [int(t) for t in self.tp.broadcast(shared).tolist()]
+
     @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> StepResult:
         started = time.perf_counter()
@@ -391,12 +409,17 @@ class ModelRunner:
         if batch.sample_ids:
             logits = self.model.compute_logits(hidden)  # (S, vocab)
             states = [self.states[rid].sampling for rid in batch.sample_ids]
-            out = sample(logits, states, self._unseeded)
-            for rid, token_id, state in zip(batch.sample_ids, out.token_ids, states, strict=True):
+            token_ids: list[int] = []
+            if self.tp.rank == 0:
+                out = sample(logits, states, self._unseeded)
+                token_ids = out.token_ids
+                logprobs = [None if lp is None else [lp] for lp in out.logprobs]
+            if self.tp.size > 1:
+                token_ids = self._share_tokens(token_ids, len(states))
+            for rid, token_id, state in zip(batch.sample_ids, token_ids, states, strict=True):
                 self.states[rid].token_ids.append(token_id)
                 state.append_output(token_id)
                 sampled_ids.append([token_id])
-            logprobs = [None if lp is None else [lp] for lp in out.logprobs]
         return StepResult(
             step_id=plan.step_id,
             request_ids=batch.sample_ids,

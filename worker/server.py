@@ -1,9 +1,16 @@
-"""The worker process: receives plans from the scheduler, runs them, answers.
+"""One rank of a worker group: receives plans from the scheduler, runs them, answers.
 
-Start-up: resolve the device, load the model, size and allocate the KV cache,
-then send ``WorkerReady``. A step that raises is reported as ``WorkerFailure``
-(the scheduler fails the in-flight requests); the worker then drops all request
-state and registers again, so one bad batch does not take the service down.
+Start-up: resolve the device, join the tensor-parallel group (if there is more
+than one rank), load this rank's share of the model, size and allocate the KV
+cache, then send ``WorkerReady``. Every rank receives every plan; rank 0 alone
+answers with the ``StepResult``.
+
+A step that raises is reported as ``WorkerFailure`` (the scheduler fails the
+in-flight requests). A group of one then drops all request state and registers
+again, so one bad batch does not take the service down. A rank of a larger
+group exits instead: the other ranks may be waiting in a collective that will
+never complete, so its launcher (``worker.group``) stops the whole group and
+whoever supervises it starts a fresh one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from shared.process import install_stop_handler, parent_watchdog
 from shared.tracing import context_from_traceparent, record_span, setup_tracing, shutdown_tracing, tracing_enabled
 from worker.device import DeviceInfo
 from worker.model_runner import ModelRunner
+from worker.parallel import init_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +39,22 @@ log = logging.getLogger(__name__)
 _FAIL_AT_STEP_ENV = "LOOMSERVE_INJECT_FAILURE_AT_STEP"
 
 
+class StepFailed(RuntimeError):
+    """A rank of a group of several could not run a step; it leaves the group."""
+
+
 class WorkerServer:
-    def __init__(self, config: WorkerConfig, model_path: Path) -> None:
+    def __init__(self, config: WorkerConfig, model_path: Path, rank: int = 0) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device = DeviceInfo.resolve(config)
-        self.runner = ModelRunner(config, model_path, device, use_cuda_graphs=not config.enforce_eager)
+        if device.is_cuda:
+            torch.cuda.set_device(device.device)  # Triton launches and NCCL use the current device
+        if config.tp > 1 and config.dist_init_address is None:
+            raise ValueError("a rank of a worker group needs --dist-init-address (host:port of the rendezvous)")
+        self.tp = init_tensor_parallel(rank, config.tp, config.dist_init_address or "", device.device)
+        self.runner = ModelRunner(config, model_path, device, use_cuda_graphs=not config.enforce_eager, tp=self.tp)
         self.device_name = device.describe()
         self.model_name = model_path.name if config.load_format != "dummy" else str(config.model)
         self._ctx = zmq.Context()
@@ -57,16 +74,16 @@ class WorkerServer:
 
     def _register(self) -> None:
         self._send(m.WorkerReady(
-            rank=self.config.rank,
-            world_size=1,
+            rank=self.tp.rank,
+            world_size=self.tp.size,
             num_kv_blocks=self.runner.num_blocks,
             block_size=self.runner.block_size,
             max_model_len=self.runner.max_model_len,
             model=self.model_name,
             device=self.device_name,
         ))
-        log.info("worker ready on %s: %d KV blocks of %d tokens; registered with %s",
-                 self.device_name, self.runner.num_blocks, self.runner.block_size,
+        log.info("rank %d/%d ready on %s: %d KV blocks of %d tokens; registered with %s",
+                 self.tp.rank, self.tp.size, self.device_name, self.runner.num_blocks, self.runner.block_size,
                  self.config.scheduler_address)
 
     def run(self) -> None:
@@ -92,15 +109,18 @@ class WorkerServer:
                 raise RuntimeError(f"failure injected at step {plan.step_id} ({_FAIL_AT_STEP_ENV})")
             started_ns = time.time_ns()
             result = self.runner.execute(plan)
-            if tracing_enabled():
+            if self.tp.rank == 0 and tracing_enabled():
                 self._trace_step(plan, started_ns, time.time_ns())
         except Exception as e:
             log.exception("step %d failed", plan.step_id)
-            self._send(m.WorkerFailure(self.config.rank, f"{type(e).__name__}: {e}"))
+            self._send(m.WorkerFailure(self.tp.rank, f"{type(e).__name__}: {e}"))
+            if self.tp.size > 1:
+                raise StepFailed(f"rank {self.tp.rank} failed step {plan.step_id}; leaving the group") from e
             self.runner.reset()
             self._register()
             return
-        self._send(result)
+        if self.tp.rank == 0:
+            self._send(result)
 
     @staticmethod
     def _trace_step(plan: m.BatchPlan, start_ns: int, end_ns: int) -> None:
@@ -114,14 +134,18 @@ class WorkerServer:
                             tracer_name="loomserve.worker")
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        # A failure report must reach the scheduler before the process exits.
+        self._sock.close(linger=1000)
         self._ctx.term()
+        # The process group is not destroyed: it ends with the process, and destroying
+        # an NCCL group whose collectives live in CUDA graphs hung on an H200 host.
 
 
-def serve_worker(config: WorkerConfig) -> None:
+def serve_worker(config: WorkerConfig, rank: int = 0) -> None:
+    """Run rank ``rank`` of the worker group in this process."""
     setup_tracing("loomserve-worker", config.otlp_endpoint)
     model_path = resolve_model(config.model) if config.load_format != "dummy" else Path(str(config.model))
-    server = WorkerServer(config, model_path)
+    server = WorkerServer(config, model_path, rank)
     install_stop_handler(server.stop)
     parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), server.stop)
     try:

@@ -17,7 +17,7 @@ import pytest
 from tests.stack import ServeStack, free_port, pid_alive
 
 
-def test_worker_killed_mid_stream_fails_requests_and_stops_everything(tmp_path: Path) -> None:
+def test_worker_killed_mid_stream_fails_requests_and_is_started_again(tmp_path: Path) -> None:
     stack = ServeStack("--kv-cache-gb", "0.25", log_path=tmp_path / "serve.log")
     try:
         stack.wait_ready()
@@ -37,11 +37,26 @@ def test_worker_killed_mid_stream_fails_requests_and_stops_everything(tmp_path: 
         ended_after = time.monotonic() - killed_at
         assert lines[-1] == "[DONE]"
         error = json.loads(lines[-2])["error"]
-        assert "worker" in error["message"]
+        assert "the worker group is down" in error["message"]
         assert ended_after < 5, f"the stream took {ended_after:.1f} s to fail"
+        assert "worker group is down" in stack.wait_unhealthy()["reason"]
+        stack.wait_ready()  # the supervisor started a new worker
+        assert stack.child_pid("worker") != worker
+        resp = httpx.post(stack.base_url + "/v1/completions", timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        assert resp.json()["usage"]["completion_tokens"] == 3
     finally:
         code = stack.stop()
-    assert code == 1, "serve must exit non-zero when a child dies"
+    assert code == 0
+    assert "worker exited with code -9; starting it again" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_worker_that_keeps_dying_stops_the_service(tmp_path: Path) -> None:
+    """A worker that cannot start (here: no room for a KV cache) is retried a few times,
+    then ``serve`` gives up and exits non-zero rather than looping forever."""
+    stack = ServeStack("--kv-cache-gb", "0", log_path=tmp_path / "serve.log")
+    assert stack.proc.wait(120) == 1
+    assert (tmp_path / "serve.log").read_text().count("starting it again") == 3
 
 
 def test_supervisor_killed_takes_its_children_along(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from worker.loader.gguf_loader import load_gguf
 from worker.loader.safetensors_loader import load_safetensors
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM
+from worker.parallel import SINGLE, TensorParallel
 
 __all__ = ["DUMMY_SHAPES", "LOAD_FORMATS", "detect_format", "load_model"]
 
@@ -54,18 +55,20 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_backend: type[AttentionBackend] = TorchAttentionBackend,
+    tp: TensorParallel = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load ``model`` (a GGUF file, a Hugging Face directory, or for ``load_format="dummy"``
     a name in ``DUMMY_SHAPES``) onto ``device`` in ``dtype``.
 
     ``seed`` seeds the dummy weights; ``attn_backend`` is the attention
-    implementation every layer uses.
+    implementation every layer uses; ``tp`` is this rank's tensor-parallel group,
+    of which it loads its share.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; supported: {', '.join(LOAD_FORMATS)}")
     started = time.monotonic()
     if load_format == "dummy":
-        loaded = load_dummy(model, dtype=dtype, device=device, seed=seed, attn_backend=attn_backend)
+        loaded = load_dummy(model, dtype=dtype, device=device, seed=seed, attn_backend=attn_backend, tp=tp)
     else:
         path = Path(model).expanduser()
         if not path.exists():
@@ -79,7 +82,7 @@ def load_model(
         if fmt != detected:
             raise ValueError(f"{path} looks like {detected}, not the requested {load_format}")
         loader = load_gguf if fmt == "gguf" else load_safetensors
-        loaded = loader(path, dtype=dtype, device=device, attn_backend=attn_backend)
+        loaded = loader(path, dtype=dtype, device=device, attn_backend=attn_backend, tp=tp)
     net, config = loaded
     params = sum(p.numel() for p in net.parameters())
     log.info(

@@ -1,14 +1,19 @@
 """Random weights at the real shape of a named model, for benchmarks without checkpoints.
 
 Parameters are allocated and filled on the target device itself (no host copy
-of the model), from a seeded generator. Linear and embedding weights are drawn
-with a small standard deviation and norms are ones, so activations stay finite
-in bf16 through every layer.
+of the model). Each checkpoint tensor (by Hugging Face name) is drawn whole
+from its own generator, seeded from the seed and the name, and goes through the
+same ``WeightFiller`` as real checkpoints: so a rank of a tensor-parallel group
+keeps its slice of the very weights a single GPU would hold, and outputs can be
+compared across group sizes. Linear and embedding weights are drawn with a
+small standard deviation and norms are ones, so activations stay finite in
+bf16 through every layer.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,8 @@ import torch
 from worker.attention.base import AttentionBackend
 from worker.loader.safetensors_loader import read_hf_config
 from worker.model_config import ModelConfig
-from worker.models.llama import LlamaForCausalLM, build_model
+from worker.models.llama import LlamaForCausalLM, WeightFiller, build_model
+from worker.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +132,24 @@ def dummy_config(model: str | Path) -> ModelConfig:
 
 @torch.no_grad()
 def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
-    """Fill every parameter in place: norms 1, biases 0, others N(0, DUMMY_STD)."""
+    """Fill every parameter: norms 1, biases 0, others N(0, DUMMY_STD), each checkpoint
+    tensor from a generator of its own (see the module's docstring)."""
     device = model.embed_tokens.weight.device
     if device.type == "meta":
         return
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
+    filler = WeightFiller(model, f"dummy {model.config.name}")
+    dtype = model.embed_tokens.weight.dtype
+    for name, target in filler.targets.items():
+        full = torch.empty(target.full_shape, dtype=dtype, device=device)
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
+            full.fill_(1.0)
         elif name.endswith(".bias"):
-            param.zero_()
+            full.zero_()
         else:
-            param.normal_(0.0, DUMMY_STD, generator=generator)
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full.normal_(0.0, DUMMY_STD, generator=generator)
+        filler.fill(name, full)
+    filler.check_complete()
 
 
 def load_dummy(
@@ -147,6 +159,7 @@ def load_dummy(
     device: str | torch.device,
     seed: int,
     attn_backend: type[AttentionBackend],
+    tp: TensorParallel = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     config = dummy_config(model)
     log.info(
@@ -156,6 +169,6 @@ def load_dummy(
         config.hidden_size,
         seed,
     )
-    net = build_model(config, attn_backend, dtype=dtype, device=device)
+    net = build_model(config, attn_backend, dtype=dtype, device=device, tp=tp)
     fill_dummy_weights(net, seed)
     return net, config

@@ -32,6 +32,7 @@ from gguf.quants import dequantize
 from worker.attention.base import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, WeightFiller, build_model
+from worker.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ def load_gguf(
     dtype: torch.dtype,
     device: str | torch.device,
     attn_backend: type[AttentionBackend],
+    tp: TensorParallel = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Load a GGUF file of a llama or qwen2 architecture model."""
+    """Load a GGUF file of a llama or qwen2 architecture model (this rank's part of it:
+    each tensor is dequantised whole, then sliced)."""
     reader = GGUFReader(path)
     metadata = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -151,7 +154,7 @@ def load_gguf(
         config.hidden_size,
         len(tensors),
     )
-    model = build_model(config, attn_backend, dtype=dtype, device=device)
+    model = build_model(config, attn_backend, dtype=dtype, device=device, tp=tp)
     filler = WeightFiller(model, path.name)
     permuted = config.architecture == "llama"
     for name, tensor in tensors.items():

@@ -2,7 +2,8 @@
 
 Files are opened with ``safe_open`` (memory-mapped) and read one tensor at a
 time, each copied straight into its parameter (q/k/v and gate/up into the
-fused modules), so a checkpoint never has to fit in host memory at once.
+fused modules), so a checkpoint never has to fit in host memory at once. A
+tensor-parallel rank reads only its slice of each tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from worker.attention.base import AttentionBackend
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, WeightFiller, build_model
+from worker.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,9 @@ def load_safetensors(
     dtype: torch.dtype,
     device: str | torch.device,
     attn_backend: type[AttentionBackend],
+    tp: TensorParallel = SINGLE,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Load a Hugging Face Llama/Qwen2/Mistral directory."""
+    """Load a Hugging Face Llama/Qwen2/Mistral directory (this rank's part of it)."""
     config = read_hf_config(directory)
     files = safetensors_files(directory)
     log.info(
@@ -69,11 +72,20 @@ def load_safetensors(
         config.hidden_size,
         len(files),
     )
-    model = build_model(config, attn_backend, dtype=dtype, device=device)
+    model = build_model(config, attn_backend, dtype=dtype, device=device, tp=tp)
     filler = WeightFiller(model, directory.name)
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                filler.fill(name, f.get_tensor(name))
+                shard = filler.shard(name)
+                if shard is None:
+                    filler.fill(name, f.get_tensor(name))
+                    continue
+                part = f.get_slice(name)
+                if tuple(part.get_shape()) != filler.targets[name].full_shape:
+                    filler.fill(name, f.get_tensor(name))  # fill() names the shape mismatch
+                    continue
+                index = (slice(None),) * shard.dim + (slice(shard.start, shard.start + shard.length),)
+                filler.fill(name, part[index], sliced=True)
     filler.check_complete()
     return model, config

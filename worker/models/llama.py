@@ -6,10 +6,12 @@ RMSNorm -> SiLU-gated MLP -> residual), a final RMSNorm and an LM head.
 
 The model works on a flattened batch (see ``worker.attention.base``): the new
 tokens of every sequence on one axis of length T, with a paged KV cache per
-layer. Projections are plain ``nn.Linear`` so tensor parallelism and
-quantisation can later swap the layer classes; the fused ``qkv_proj`` and
-``gate_up_proj`` record their part sizes (``qkv_sizes``, ``gate_up_sizes``) for
-that.
+layer. Projections are ``nn.Linear`` layers; under tensor parallelism
+(``worker.parallel``) each rank builds the same network with its share of the
+heads and features, the row-parallel projections, embedding and LM head being
+the parallel layer classes of that module, so the forward passes do not change.
+The fused ``qkv_proj`` and ``gate_up_proj`` record their (local) part sizes
+(``qkv_sizes``, ``gate_up_sizes``).
 
 The elementwise stages (RMSNorm with its residual add, rotary embedding,
 SiLU-and-multiply) are layer classes too, picked once at construction through
@@ -19,7 +21,8 @@ device.
 
 Parameter names are Hugging Face's without the ``model.`` prefix, except for
 the fused modules; the loaders address weights by their Hugging Face names
-through ``WeightFiller``, which fills row ranges of the fused modules.
+through ``WeightFiller``, which fills row ranges of the fused modules and
+keeps only this rank's slice (``Shard``) of each checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from worker.attention.base import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig, llama3_freq_factors
+from worker.parallel import SINGLE, Shard, TensorParallel, embedding, lm_head, row_parallel_linear
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +193,20 @@ def default_layer_ops(device: str | torch.device) -> LayerOps:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps) -> None:
+    """Grouped-query attention over this rank's query heads and the KV heads they read."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.qkv_sizes = (config.q_size, config.kv_size, config.kv_size)
+        self.num_heads = tp.split(config.num_heads, "num_heads")
+        self.num_kv_heads, _ = tp.kv_heads(config.num_kv_heads, config.num_heads)
+        self.head_dim = d = config.head_dim
+        self.qkv_sizes = (self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.o_proj = row_parallel_linear(config.q_size, config.hidden_size, config.attention_out_bias, tp)
         self.rotary = ops.rotary()
-        self.attn = attn_backend(config.num_heads, config.num_kv_heads, config.head_dim, config.head_dim**-0.5)
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, d, d**-0.5)
 
     def forward(
         self,
@@ -216,24 +224,27 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: LayerOps) -> None:
+    def __init__(self, config: ModelConfig, ops: LayerOps, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_sizes = (config.intermediate_size, config.intermediate_size)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        local = tp.split(config.intermediate_size, "intermediate_size")
+        self.gate_up_sizes = (local, local)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * local, bias=False)
         self.act = ops.activation()
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = row_parallel_linear(config.intermediate_size, config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
         return self.down_proj(self.act(self.gate_up_proj(x)))  # via (T, 2 I) and (T, I)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps) -> None:
+    def __init__(
+        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps, tp: TensorParallel
+    ) -> None:
         super().__init__()
         self.input_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, attn_backend, ops)
+        self.self_attn = LlamaAttention(config, attn_backend, ops, tp)
         self.post_attention_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, ops)
+        self.mlp = LlamaMLP(config, ops, tp)
 
     def forward(
         self,
@@ -253,22 +264,23 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps = TORCH_OPS
+        self,
+        config: ModelConfig,
+        attn_backend: type[AttentionBackend],
+        ops: LayerOps = TORCH_OPS,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.config = config
         self.ops = ops
-        # An explicit weight skips nn.Embedding's random init, which on the meta
-        # device (see build_model) costs seconds of one-off setup in torch.
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size,
-            config.hidden_size,
-            _weight=torch.empty(config.vocab_size, config.hidden_size),
+        self.tp = tp
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, attn_backend, ops, tp) for _ in range(config.num_layers)
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, ops) for _ in range(config.num_layers))
         self.norm = ops.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary = ops.rotary()
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -317,40 +329,81 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads of this rank's KV cache."""
+        layer: LlamaDecoderLayer = self.layers[0]  # type: ignore[assignment]
+        return layer.self_attn.num_kv_heads
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab) float32 logits."""
+        """(N, hidden) -> (N, vocab) float32 logits (on every rank of a group)."""
         return self.lm_head(hidden).float()
 
     # -- weights by Hugging Face name -------------------------------------------------
 
-    def hf_weight_targets(self) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """Map each Hugging Face weight name to the (parameter, row offset, rows) it fills.
+    def hf_weight_targets(self) -> dict[str, WeightTarget]:
+        """Map each Hugging Face weight name to what it fills on this rank.
 
         Our names are the Hugging Face ones without ``model.``, except that q/k/v
         land in row ranges of ``qkv_proj`` and gate/up in ``gate_up_proj``. A tied
         model has no ``lm_head.weight`` entry.
         """
-        c = self.config
-        params = dict(self.named_parameters(remove_duplicate=False))
-        fused = {
-            "qkv_proj": (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)),
-            "gate_up_proj": (("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)),
+        c, tp = self.config, self.tp
+        d = c.head_dim
+        num_heads = tp.split(c.num_heads, "num_heads")
+        num_kv, first_kv = tp.kv_heads(c.num_kv_heads, c.num_heads)
+        inter = tp.split(c.intermediate_size, "intermediate_size")
+        _, vocab = tp.vocab_shard(c.vocab_size)
+        # Per checkpoint module: (rows it fills here, its full shape's first dim, its shard or None).
+        q = (Shard(0, tp.rank * num_heads * d, num_heads * d), c.q_size)
+        kv = (Shard(0, first_kv * d, num_kv * d), c.kv_size)
+        mlp = (Shard(0, tp.rank * inter, inter), c.intermediate_size)
+        fused: dict[str, tuple[tuple[str, tuple[Shard, int]], ...]] = {
+            "qkv_proj": (("q_proj", q), ("k_proj", kv), ("v_proj", kv)),
+            "gate_up_proj": (("gate_proj", mlp), ("up_proj", mlp)),
         }
-        targets: dict[str, tuple[torch.Tensor, int, int]] = {}
-        for name, param in params.items():
+        # Row-parallel weights keep a slice of their input features; their bias is whole.
+        row_parallel = {"o_proj": c.q_size, "down_proj": c.intermediate_size}
+        single = tp.size == 1
+        targets: dict[str, WeightTarget] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
             prefix = "" if name.startswith("lm_head.") else "model."
             module, kind = name.rsplit(".", 1)  # e.g. "layers.0.self_attn.qkv_proj", "weight"
             parent, _, leaf = module.rpartition(".")
-            if leaf not in fused:
-                targets[prefix + name] = (param, 0, param.shape[0])
+            if leaf in fused:
+                offset = 0
+                for part, (part_shard, full_rows) in fused[leaf]:
+                    full = (full_rows, *param.shape[1:])
+                    targets[f"{prefix}{parent}.{part}.{kind}"] = WeightTarget(
+                        param, offset, part_shard.length, full, None if single else part_shard
+                    )
+                    offset += part_shard.length
                 continue
-            offset = 0
-            for part, rows in fused[leaf]:
-                targets[f"{prefix}{parent}.{part}.{kind}"] = (param, offset, rows)
-                offset += rows
+            full_shape = tuple(param.shape)
+            shard: Shard | None = None
+            rows = param.shape[0]
+            if leaf in row_parallel and kind == "weight":
+                full_shape = (param.shape[0], row_parallel[leaf])
+                shard = tp.even_shard(row_parallel[leaf], leaf, dim=1)
+            elif leaf in ("embed_tokens", "lm_head"):
+                full_shape = (c.vocab_size, param.shape[1])
+                shard, rows = vocab, vocab.length
+            targets[prefix + name] = WeightTarget(param, 0, rows, full_shape, None if single else shard)
         return targets
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where one checkpoint tensor goes: ``rows`` rows of ``param`` from ``offset``,
+    after keeping this rank's ``shard`` of it (None: all of it)."""
+
+    param: torch.Tensor
+    offset: int
+    rows: int
+    full_shape: tuple[int, ...]  # the checkpoint tensor's shape
+    shard: Shard | None
 
 
 def build_model(
@@ -360,8 +413,10 @@ def build_model(
     dtype: torch.dtype,
     device: str | torch.device,
     ops: LayerOps | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> LlamaForCausalLM:
-    """The model with uninitialised parameters allocated directly on ``device``.
+    """The model (this rank's part of it, under tensor parallelism) with uninitialised
+    parameters allocated directly on ``device``.
 
     Built on the meta device first, so no time goes into random initialisation
     and no full-size copy crosses from host to device; the loaders then fill
@@ -369,12 +424,17 @@ def build_model(
     (``default_layer_ops``).
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, attn_backend, ops or default_layer_ops(device))
+        model = LlamaForCausalLM(config, attn_backend, ops or default_layer_ops(device), tp)
     model.to(dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
     model.init_rope_cache()
     model.requires_grad_(False)
+    if tp.size > 1:
+        # The vocabulary is padded to a multiple of the group size; the padding rows
+        # get no checkpoint data.
+        model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
     return model.eval()
 
 
@@ -393,19 +453,38 @@ class WeightFiller:
         self._started = self._last_log = time.monotonic()
         self._next_quarter = 1
 
-    @torch.no_grad()
-    def fill(self, hf_name: str, tensor: torch.Tensor) -> None:
+    def _target(self, hf_name: str) -> WeightTarget | None:
         target = self.targets.get(hf_name)
-        if target is None:
-            if hf_name.endswith(_IGNORED_WEIGHT_SUFFIXES) or (self.tied and hf_name == "lm_head.weight"):
-                return
+        if target is None and not (
+            hf_name.endswith(_IGNORED_WEIGHT_SUFFIXES) or (self.tied and hf_name == "lm_head.weight")
+        ):
             raise ValueError(f"{self.source}: unexpected weight {hf_name!r} for this model architecture")
-        param, offset, rows = target
-        expected = (rows, *param.shape[1:])
+        return target
+
+    def shard(self, hf_name: str) -> Shard | None:
+        """The slice of this checkpoint tensor this rank keeps (None: all of it); a loader
+        that can read a slice alone passes it to ``fill`` with ``sliced=True``."""
+        target = self._target(hf_name)
+        return None if target is None else target.shard
+
+    @torch.no_grad()
+    def fill(self, hf_name: str, tensor: torch.Tensor, *, sliced: bool = False) -> None:
+        """Copy a checkpoint tensor (or, with ``sliced``, already this rank's shard of it) in."""
+        target = self._target(hf_name)
+        if target is None:
+            return
+        if target.shard is not None and not sliced:
+            if tuple(tensor.shape) != target.full_shape:
+                raise ValueError(
+                    f"{self.source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {target.full_shape}"
+                )
+            tensor = target.shard.take(tensor)
+        param = target.param
+        expected = (target.rows, *param.shape[1:])
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{self.source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         # Move first, so a dtype cast runs on the (GPU) target rather than the host.
-        param.narrow(0, offset, rows).copy_(tensor.to(param.device))
+        param.narrow(0, target.offset, target.rows).copy_(tensor.to(param.device))
         self.filled.add(hf_name)
         self._log_progress()
 
@@ -433,9 +512,13 @@ class WeightFiller:
             raise ValueError(f"{self.source}: checkpoint lacks {len(missing)} weights: {shown}")
 
 
-def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes over all layers (keys and values)."""
-    per_layer = 2 * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+def kv_cache_bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+) -> int:
+    """Bytes one KV block takes over all layers (keys and values) of ``num_kv_heads``
+    heads (default: all of the model's; a tensor-parallel rank holds its own share)."""
+    heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+    per_layer = 2 * block_size * heads * config.head_dim * dtype.itemsize
     return per_layer * config.num_layers
 
 
@@ -445,11 +528,14 @@ def allocate_kv_caches(
     block_size: int,
     dtype: torch.dtype,
     device: str | torch.device,
+    num_kv_heads: int | None = None,
 ) -> list[torch.Tensor]:
-    """One zeroed (2, num_blocks, block_size, KV, D) cache per layer.
+    """One zeroed (2, num_blocks, block_size, KV, D) cache per layer, KV being
+    ``num_kv_heads`` (default: the model's).
 
     Zeroed rather than empty: attention multiplies masked-out slots by a zero
     weight, and a NaN left in fresh memory would still poison the result.
     """
-    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+    shape = (2, num_blocks, block_size, heads, config.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
