@@ -97,12 +97,12 @@ DUMMY_SHAPES: dict[str, dict[str, Any]] = {
         "use_sliding_window": False,
         "sliding_window": 32768,
     },
-    # Not a published model: a 2-layer Llama 3 in miniature (special ids at the top of the
-    # vocabulary, several EOS ids) that runs the whole stack on a CPU in milliseconds a step,
-    # for end-to-end tests and the benchmarks' smoke runs.
+    # Not a published model: a 2-layer Llama 3 in miniature (256 special ids above 32000 regular
+    # ones, several EOS ids, so the benchmarks' random ids below 32000 fit) that runs the whole
+    # stack on a CPU in milliseconds a step, for end-to-end tests and the benchmarks' smoke runs.
     "llama-tiny": {
         "model_type": "llama",
-        "vocab_size": 4096,
+        "vocab_size": 32256,
         "hidden_size": 128,
         "intermediate_size": 384,
         "num_hidden_layers": 2,
@@ -113,8 +113,8 @@ DUMMY_SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "bos_token_id": 4000,
-        "eos_token_id": [4001, 4008, 4009],
+        "bos_token_id": 32000,
+        "eos_token_id": [32001, 32008, 32009],
         "hidden_act": "silu",
     },
 }

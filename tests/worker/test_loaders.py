@@ -336,7 +336,7 @@ PARAMETER_COUNTS = {
     "llama-3.1-70b": 70_553_706_496,
     "smollm2-135m": 134_515_008,
     "qwen2.5-0.5b": 494_032_768,
-    "llama-tiny": 1_442_432,
+    "llama-tiny": 8_651_392,
 }
 
 
