@@ -59,6 +59,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import importlib.util
 import inspect
 import itertools
 import json
@@ -104,7 +105,8 @@ MAX_MODEL_LEN = 8192
 BATCH1_PROMPT = gpu_engine.BATCH1_PROMPT  # 512
 BATCH1_TOKENS = gpu_engine.BATCH1_TOKENS  # 256
 NVML_INTERVAL_S = 0.1
-SERVER_START_TIMEOUT_S = 300.0
+# A server gets the rest of its row's time to become healthy, but at least this long.
+SERVER_START_MIN_S = 60.0
 # A row's share of the time left is this many times an even split, so that rows which finish
 # early leave their time to the later ones, and one slow row cannot take all of it.
 ROW_SHARE = 1.6
@@ -503,9 +505,16 @@ def _continuous_batching_config(ctx: RowContext) -> Any:
     return ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in accepted})
 
 
+class RowSkipped(Exception):
+    """A row that cannot run here; its message says why."""
+
+
 def run_hf_continuous(ctx: RowContext) -> RowRun:
     from transformers import GenerationConfig
 
+    if ctx.settings.device == "cpu" and importlib.util.find_spec("psutil") is None:
+        raise RowSkipped("transformers' continuous batching reads the free memory of a CPU with psutil, "
+                         "which is not installed")
     run = RowRun()
     begin = time.perf_counter()
     model = build_hf_model(ctx)
@@ -627,7 +636,7 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
         begin = time.perf_counter()
         group.spawn("serve", serve_argv(ctx, batching, port))
         try:
-            wait_healthy(group, base_url, SERVER_START_TIMEOUT_S)
+            wait_healthy(group, base_url, max(SERVER_START_MIN_S, ctx.deadline - time.perf_counter()))
             run.details["startup_s"] = time.perf_counter() - begin
 
             def bench(workload: Workload, timeout_s: float) -> Any:
@@ -921,6 +930,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = RowContext(shape, costs, requests, settings, deadline)
             try:
                 figures = run_row(row, ctx, copy_bw, peak)
+            except RowSkipped as exc:
+                figures = {"status": "skipped", "message": str(exc)}
+                progress(f"{shape} {row}: skipped ({exc})")
             except Exception as exc:
                 log.exception("%s %s failed", shape, row)
                 message = str(exc) if isinstance(exc, RowError) else f"{type(exc).__name__}: {exc}"
