@@ -15,7 +15,8 @@ planned length and capped at ``--max-output-len``), and the same batch size
 | ``hf-static``          | transformers ``model.generate`` on left-padded batches, one after another; each  |
 |                        | batch runs as long as its longest request (``min_new_tokens = max_new_tokens``) |
 | ``hf-continuous``      | transformers' continuous batching (the manager behind ``generate_batch``),       |
-|                        | paged attention, each request its own ``max_new_tokens``, EOS disabled           |
+|                        | paged KV cache, SDPA, each request its own ``max_new_tokens``, EOS disabled,     |
+|                        | loomserve's step budget (2048 tokens) and batch size                             |
 | ``loomserve-static``   | ``loomserve serve --batching static`` as a subprocess, over HTTP (``bench.serving``: |
 |                        | streamed completions, all requests sent at once, ``ignore_eos``)                 |
 | ``loomserve-continuous`` | the same with ``--batching continuous``                                        |
@@ -496,8 +497,15 @@ def _continuous_batching_config(ctx: RowContext) -> Any:
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
         except ImportError:
             return None
-    # SDPA as in the static row, not a flash kernel fetched from the Hub (5.2x).
-    wanted: dict[str, Any] = {"max_requests_per_batch": ctx.settings.max_num_seqs, "auto_switch_to_flash": False}
+    # The batch size and the token budget of a step are loomserve's (--max-num-seqs, and
+    # max_num_batched_tokens); transformers sizes its KV cache from the free GPU memory. SDPA as in
+    # the static row, not a flash kernel fetched from the Hub (5.2x); with SDPA, transformers
+    # leaves CUDA graphs off by default (an attention mask is needed).
+    wanted: dict[str, Any] = {
+        "max_requests_per_batch": ctx.settings.max_num_seqs,
+        "max_batch_tokens": SchedulerConfig().max_num_batched_tokens,
+        "auto_switch_to_flash": False,
+    }
     if ctx.settings.device == "cpu":
         # Sized from free memory otherwise; on the CPU that would be most of the RAM.
         wanted |= {"num_blocks": 64, "max_batch_tokens": 512}
