@@ -796,6 +796,8 @@ def shape_requests(shape: str, settings: Settings, row: str) -> tuple[list[tuple
 
 def run_row(row: str, ctx: RowContext, copy_bw: float, peak_flops: float) -> dict[str, Any]:
     begin = time.perf_counter()
+    # Memory an earlier row failed to give back would shrink this row's KV cache: record it.
+    in_use_before = gpu_bytes_in_use(ctx.settings.device)
     if row == "hf-static":
         run = run_hf_static(ctx)
     elif row == "hf-continuous":
@@ -812,6 +814,7 @@ def run_row(row: str, ctx: RowContext, copy_bw: float, peak_flops: float) -> dic
     free_device_memory(ctx.settings.device)
     figures = row_figures(ctx, run, copy_bw, peak_flops)
     figures["status"] = "truncated" if run.truncated else "ok"
+    figures["gpu_gib_in_use_before_row"] = in_use_before / (1 << 30)
     figures["row_wall_s"] = time.perf_counter() - begin
     return figures
 
