@@ -55,15 +55,21 @@ def load(model_path: Path) -> Any:
 
 @torch.inference_mode()
 def run(model: Any, prompts: list[list[int]], output_lens: list[int], batch_size: int,
-        pad_id: int) -> tuple[list[RequestOutcome], float]:
+        pad_id: int, *, device: torch.device | str = "cpu",
+        deadline: float | None = None) -> tuple[list[RequestOutcome], float]:
+    """Every request in static batches, in order; with a ``deadline`` (``time.perf_counter``),
+    no batch starts after it, and only the requests of the batches run are returned."""
     outcomes: list[RequestOutcome] = []
     started = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
+        if deadline is not None and time.perf_counter() > deadline:
+            log.warning("deadline reached: %d of %d requests run", first, len(prompts))
+            break
         batch = prompts[first:first + batch_size]
         lens = output_lens[first:first + batch_size]
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         clock = StepClock()
         # A static batch runs until its longest member is done (the point of the baseline).
         model.generate(ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),

@@ -12,9 +12,11 @@ import uvicorn
 from gateway.app import ModelInfo, create_app
 from gateway.auth import KeyStore, RedisKeySource, load_keys_file
 from gateway.engine_client import EngineClient
+from gateway.synthetic_tokenizer import synthetic_tokenizer_for
 from gateway.tokenizer import eos_token_ids, load_tokenizer
 from shared.config import GatewayConfig
-from shared.model_files import DEFAULT_MODEL, DEFAULT_MODEL_FILE, resolve_model
+from shared.dummy_shapes import DUMMY_SHAPES, dummy_shape
+from shared.model_files import DEFAULT_MODEL, DEFAULT_MODEL_FILE, ModelFileError, resolve_model
 from shared.process import install_stop_handler, parent_watchdog
 from shared.tracing import setup_tracing, shutdown_tracing
 
@@ -48,12 +50,45 @@ def key_store(config: GatewayConfig) -> KeyStore:
     return KeyStore(records, redis_source)
 
 
-def serve_gateway(config: GatewayConfig) -> None:
-    setup_tracing("loomserve-gateway", config.otlp_endpoint)
+def uses_synthetic_tokenizer(config: GatewayConfig) -> bool:
+    """``--tokenizer synthetic``, or ``auto`` with a dummy shape name that is no local path."""
+    if config.tokenizer == "synthetic":
+        return True
+    return (config.model is not None and config.model.lower() in DUMMY_SHAPES
+            and not Path(config.model).expanduser().exists())
+
+
+def synthetic_model_info(config: GatewayConfig) -> ModelInfo:
+    """The served model with a tokenizer generated at its shape (see gateway.synthetic_tokenizer)."""
+    shape = dummy_shape(config.model) if config.model is not None else None
+    if shape is None:
+        raise ModelFileError(
+            f"--tokenizer synthetic needs --model naming a dummy shape ({', '.join(DUMMY_SHAPES)}) or a "
+            f"directory with a config.json, not {config.model!r}")
+    assert config.model is not None
+    path = Path(config.model).expanduser()
+    name = config.served_model_name or (path.name if path.is_dir() else config.model.lower())
+    tokenizer, eos = synthetic_tokenizer_for(shape, name)
+    log.info("synthetic tokenizer for %s: %d tokens (words t<id>, ASCII characters), BOS %s, EOS %s",
+             name, len(tokenizer), tokenizer.bos_token_id, eos)
+    # The weights of a dummy model come from the worker's seed, which the gateway does not
+    # know: the revision names the shape only.
+    revision = model_revision(path) if path.is_dir() else f"dummy-{config.model.lower()}"
+    return ModelInfo(name, tokenizer, eos, revision)
+
+
+def load_model_info(config: GatewayConfig) -> ModelInfo:
+    if uses_synthetic_tokenizer(config):
+        return synthetic_model_info(config)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    model = ModelInfo(served_name(config, model_path), tokenizer, eos_token_ids(tokenizer, model_path),
-                      model_revision(model_path))
+    return ModelInfo(served_name(config, model_path), tokenizer, eos_token_ids(tokenizer, model_path),
+                     model_revision(model_path))
+
+
+def serve_gateway(config: GatewayConfig) -> None:
+    setup_tracing("loomserve-gateway", config.otlp_endpoint)
+    model = load_model_info(config)
     if not config.redis_url:
         log.warning("no --redis-url: rate limits and the response cache live in this process and are not "
                     "shared with other gateway replicas")

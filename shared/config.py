@@ -73,6 +73,9 @@ class GatewayConfig:
     port: int = _opt(8000, "HTTP port")
     scheduler_address: str = _opt(DEFAULT_GATEWAY_ADDRESS, "ZeroMQ address of the scheduler's gateway socket")
     model: str | None = _opt(None, "model whose tokenizer the gateway uses (default: SmolLM2-135M-Instruct)")
+    tokenizer: str = _opt("auto", "auto: the model's own, or a synthetic one for a dummy shape name such as "
+                          "llama-3.1-8b; synthetic: one generated at the model's vocabulary size and special ids",
+                          choices=("auto", "synthetic"))
     served_model_name: str | None = _opt(None, "model name in the API (default: derived from --model)")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest accepted request body")
     keys_file: str | None = _opt(None, "JSON file of API key digests and their tenants (none: the gateway is open)")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import zlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from shared.dummy_shapes import DUMMY_SHAPES
 from worker.attention.base import AttentionBackend
 from worker.loader.safetensors_loader import read_hf_config
 from worker.model_config import ModelConfig
@@ -29,91 +29,7 @@ log = logging.getLogger(__name__)
 
 DUMMY_STD = 0.02
 
-_LLAMA3_ROPE: dict[str, Any] = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-_LLAMA3_COMMON: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 128000,
-    "eos_token_id": [128001, 128008, 128009],
-    "hidden_act": "silu",
-}
-
-# Hugging Face config.json values of the published models (EOS ids of the Instruct variants).
-DUMMY_SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": {
-        **_LLAMA3_COMMON,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "rope_parameters": {**_LLAMA3_ROPE, "factor": 32.0},
-        "tie_word_embeddings": True,
-    },
-    "llama-3.1-8b": {
-        **_LLAMA3_COMMON,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "rope_parameters": {**_LLAMA3_ROPE, "factor": 8.0},
-        "tie_word_embeddings": False,
-    },
-    "llama-3.1-70b": {
-        **_LLAMA3_COMMON,
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "rope_parameters": {**_LLAMA3_ROPE, "factor": 8.0},
-        "tie_word_embeddings": False,
-    },
-    "smollm2-135m": {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2",
-        "vocab_size": 151936,
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "use_sliding_window": False,
-        "sliding_window": 32768,
-    },
-}
+__all__ = ["DUMMY_SHAPES", "dummy_config", "fill_dummy_weights", "load_dummy"]
 
 
 def dummy_config(model: str | Path) -> ModelConfig:
