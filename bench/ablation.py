@@ -140,6 +140,7 @@ class Settings:
     copy_bytes: int
     kv_cache_gb: float  # loomserve's KV cache on the CPU (the GPU sizes its own)
     seed: int = 0
+    tp: int = 1  # loomserve's tensor-parallel size (HTTP rows only); GPU count for cost and rooflines
 
 
 def parse_per_row(values: Sequence[str], default: int, flag: str) -> dict[str, int]:
@@ -182,6 +183,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
                         help="wall time for the whole run (default 500; smoke: 170)")
     parser.add_argument("--min-row-s", type=float, default=None,
                         help="skip a row that would get less time than this (default 40; smoke: 3)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="serve over this many GPUs (--tp of loomserve serve); loomserve HTTP rows only. "
+                             "Cost, GPU utilisation and the rooflines then count every GPU of the group")
     parser.add_argument("--smoke", action="store_true",
                         help=f"every row at the {SMOKE_SHAPE} shape on the CPU in float32, few requests: "
                              "proves the code paths, measures nothing")
@@ -204,9 +208,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             matmul_size=512 if smoke else 8192,
             copy_bytes=(64 << 20) if smoke else gpu_engine.COPY_BYTES,
             kv_cache_gb=0.25,
+            tp=args.tp,
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if settings.tp > 1 and not set(settings.rows) <= {"loomserve-static", "loomserve-continuous"}:
+        parser.error("--tp above 1 runs the loomserve HTTP rows only: pass --rows loomserve-continuous "
+                     "(and/or loomserve-static)")
     unknown = [s for s in settings.shapes if s not in DUMMY_SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown}; known: {', '.join(DUMMY_SHAPES)}")
@@ -256,15 +264,17 @@ def copy_bandwidth(settings: Settings) -> float:
 
 class GpuSampler:
     """NVML utilization.gpu and memory in use, sampled by a thread every ``interval_s`` while
-    inside ``with``. Where NVML cannot be had (no pynvml, no NVIDIA driver) it samples nothing
-    and ``error`` says why; nothing else fails."""
+    inside ``with``: of the GPU torch uses, or with ``num_devices`` > 1 the mean over GPUs
+    0 to ``num_devices`` - 1 (a tensor-parallel group; memory: the largest). Where NVML cannot
+    be had (no pynvml, no NVIDIA driver) it samples nothing and ``error`` says why; nothing
+    else fails."""
 
-    def __init__(self, interval_s: float = NVML_INTERVAL_S) -> None:
+    def __init__(self, num_devices: int = 1, interval_s: float = NVML_INTERVAL_S) -> None:
         self.interval_s = interval_s
         self.error: str | None = None
         self.util: list[float] = []
         self.mem_used: list[int] = []
-        self._handle: Any = None
+        self._handles: list[Any] = []
         self._nvml: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -273,7 +283,8 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handle = self._device_handle(pynvml)
+            self._handles = ([self._device_handle(pynvml)] if num_devices == 1 else
+                             [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(num_devices)])
         except ImportError:
             self.error = "pynvml is not installed (pip install nvidia-ml-py): GPU utilisation not sampled"
         except Exception as exc:  # NVMLError and its many subclasses: no driver, no device
@@ -291,7 +302,7 @@ class GpuSampler:
         return pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
 
     def __enter__(self) -> GpuSampler:
-        if self._handle is not None:
+        if self._handles:
             self._stop.clear()
             self._thread = threading.Thread(target=self._sample, name="nvml-sampler", daemon=True)
             self._thread.start()
@@ -305,8 +316,9 @@ class GpuSampler:
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
-                self.util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
-                self.mem_used.append(int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used))
+                nvml = self._nvml
+                self.util.append(float(np.mean([nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])))
+                self.mem_used.append(max(int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles))
             except Exception as exc:
                 self.error = f"NVML sampling failed: {exc}"
                 return
@@ -606,7 +618,8 @@ def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
     s = ctx.settings
     argv = ["shared.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
             "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(s.max_num_seqs),
-            "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed)]
+            "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
+            "--tp", str(s.tp)]
     if s.device == "cpu":
         argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
     return argv
@@ -662,7 +675,7 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
                            300)
             if single.metrics.tpot_ms is not None:
                 run.batch1_median_step_ms = single.metrics.tpot_ms.median
-            with GpuSampler() as gpu:
+            with GpuSampler(ctx.settings.tp) as gpu:
                 result = bench(workload_of("rag", ctx.requests, {}), ctx.deadline - time.perf_counter())
             run.gpu = gpu.summary()
             run.outcomes, run.duration_s = result.outcomes, result.metrics.duration_s
@@ -745,15 +758,15 @@ def row_figures(ctx: RowContext, run: RowRun, copy_bw: float, peak_flops: float)
         }
     tokens_per_s = output_tokens / run.duration_s if run.duration_s > 0 else 0.0
     mean_context = BATCH1_PROMPT + (BATCH1_TOKENS + 1) / 2
-    roofline = copy_bw / ctx.costs.decode_bytes_per_step(mean_context)
+    roofline = s.tp * copy_bw / ctx.costs.decode_bytes_per_step(mean_context)
     b1 = 1000.0 / run.batch1_median_step_ms if run.batch1_median_step_ms else None
     figures |= {
         "duration_s": run.duration_s,
         "output_tokens": output_tokens,
         "output_tokens_per_s": tokens_per_s,
-        "cost_per_1m_output_tokens_usd": (s.gpu_hour_usd / 3600.0 / tokens_per_s * 1e6) if tokens_per_s else None,
+        "cost_per_1m_output_tokens_usd": s.tp * s.gpu_hour_usd / 3600.0 / tokens_per_s * 1e6 if tokens_per_s else None,
         "model_flops": flops,
-        "compute_roofline_fraction": flops / run.duration_s / peak_flops if run.duration_s > 0 else None,
+        "compute_roofline_fraction": flops / run.duration_s / (s.tp * peak_flops) if run.duration_s > 0 else None,
         "batch1_tokens_per_s": b1,
         "batch1_median_step_ms": run.batch1_median_step_ms,
         "batch1_roofline_tokens_per_s": roofline,
