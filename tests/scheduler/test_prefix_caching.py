@@ -158,13 +158,19 @@ def test_the_whole_prompt_is_never_matched() -> None:
     assert manager.get_computed_blocks(make_request("d", [0])) == ([], 0)
 
 
-def test_counters_count_queried_and_hit_tokens() -> None:
+def test_counters_count_tokens_and_hits_once_per_admission() -> None:
     manager = KVCacheManager(num_blocks=10, block_size=BLOCK_SIZE)
     admit(manager, make_request("a", list(range(10))))
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (10, 0)
-    manager.get_computed_blocks(make_request("b", list(range(9))))
+    second = make_request("b", list(range(9)))
+    for _ in range(3):  # a head-of-line request looked up again every step until it fits
+        assert manager.get_computed_blocks(second) == ([0, 1], 8)
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (10, 0)
+    admit(manager, second)
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (19, 8)
-    manager.get_computed_blocks(make_request("c", [7, *range(9)]))
+    admit(manager, make_request("c", [7, *range(9)]))
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (29, 8)
+    decode(manager, second, 5)  # later allocations of a request count nothing
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (29, 8)
 
 

@@ -335,3 +335,21 @@ def test_queue_timeout_fails_requests_that_never_started() -> None:
     assert "11.0 s" in expired[0].error.message
     sched.abort_requests(["started"])
     assert_scheduler_empty(sched)
+
+
+def test_a_head_of_line_request_retried_every_step_is_one_prefix_cache_query() -> None:
+    sched, worker = make(num_blocks=6, block_size=4, budget=64)
+    sched.add_request(request("first", list(range(12)), 8))  # 5 blocks by its end
+    plan = sched.schedule()
+    assert plan is not None
+    sched.update_from_output(plan, worker.execute(plan))
+    sched.add_request(request("second", list(range(20, 30)), 2))  # 3 blocks: waits for "first"
+    for _ in range(4):
+        plan = sched.schedule()
+        assert plan is not None and "second" not in plan.num_scheduled_tokens
+        sched.update_from_output(plan, worker.execute(plan))
+    assert sched.kv_cache.prefix_cache_queries == 12
+    outputs = run(sched, worker)
+    assert len(outputs["second"]) == 2
+    assert sched.kv_cache.prefix_cache_queries == 12 + 10
+    assert_scheduler_empty(sched)
