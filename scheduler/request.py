@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One sequence being generated.
 
@@ -40,6 +40,8 @@ class Request:
     finish_reason: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    # Set at admission: the length (prompt + outputs) at which it ends with "length".
+    max_num_tokens: int = 0
     # Wall-clock times (ns) for the request's trace: first admitted, first token, preempted.
     first_scheduled_ns: int | None = None
     first_token_ns: int | None = None

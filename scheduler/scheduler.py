@@ -49,6 +49,7 @@ class SchedulerStats:
     num_finished: int = 0
     num_aborted: int = 0
     num_rejected: int = 0
+    num_scheduled_tokens: int = 0  # tokens computed (prompt and output), over all steps
     max_batch_size: int = 0
     # Request ids of each step, kept only when tracing batches (tests, debugging).
     batch_history: list[list[str]] = field(default_factory=list)
@@ -121,6 +122,7 @@ class Scheduler:
                 type="queue_full",
                 retry_after_s=self.config.queue_full_retry_after_s,
             ))
+        request.max_num_tokens = min(total, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.push(request)
@@ -170,21 +172,45 @@ class Scheduler:
         """Choose this step's tokens; None when there is nothing to compute."""
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        scheduled_requests: list[Request] = []
         preemptions_before = self.stats.num_preemptions
+        kv_cache = self.kv_cache
+        unsent = self._unsent_blocks
+        running = RequestStatus.RUNNING
 
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for request in decoding + prefilling:
+        # Decodes first, in running order, then the prefills. This loop runs once per
+        # running sequence per step: it is kept to a few attribute reads per decode.
+        prefilling = []
+        for request in self.running[:]:  # a copy: preemption removes from self.running
+            if len(request.token_ids) - request.num_computed_tokens != 1:
+                prefilling.append(request)
+                continue
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not running:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            blocks = kv_cache.allocate_slots(request, 1)
+            if blocks is None:
+                blocks = self._allocate_or_preempt(request, 1, scheduled)
+                if blocks is None:
+                    continue
+            if blocks:
+                unsent[request.request_id] += blocks
+            scheduled[request.request_id] = 1
+            scheduled_requests.append(request)
+            budget -= 1
+        for request in prefilling:
+            if budget == 0:
+                break
+            if request.status is not running:
+                continue
+            num_new = min(len(request.token_ids) - request.num_computed_tokens, budget)
             blocks = self._allocate_or_preempt(request, num_new, scheduled)
             if blocks is None:
                 continue
-            self._unsent_blocks[request.request_id] += blocks
+            unsent[request.request_id] += blocks
             scheduled[request.request_id] = num_new
+            scheduled_requests.append(request)
             budget -= num_new
 
         # After a preemption this step, admitting would only evict again. A static
@@ -197,9 +223,9 @@ class Scheduler:
             head = self.waiting.peek()
             if head is None:
                 break
-            computed_blocks, num_computed = self.kv_cache.get_computed_blocks(head)
+            computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
             num_new = min(head.num_tokens - num_computed, budget)
-            blocks = self.kv_cache.allocate_slots(head, num_new, computed_blocks)
+            blocks = kv_cache.allocate_slots(head, num_new, computed_blocks)
             if blocks is None:
                 break  # head of line waits for blocks; later arrivals do not jump it
             self.waiting.pop()
@@ -209,22 +235,27 @@ class Scheduler:
             head.num_computed_tokens = num_computed
             head.status = RequestStatus.RUNNING
             self.running.append(head)
-            self._unsent_blocks[head.request_id] = blocks
+            unsent[head.request_id] = blocks
             self._needs_full_data.add(head.request_id)
             if num_new:
                 scheduled[head.request_id] = num_new
+                scheduled_requests.append(head)
                 budget -= num_new
 
         if not scheduled:
             return None
         new_requests: list[NewRequestData] = []
         cached_requests: list[CachedRequestData] = []
-        for rid in scheduled:
-            request = self.requests[rid]
-            blocks = self._unsent_blocks[rid]
-            self._unsent_blocks[rid] = []
-            if rid in self._needs_full_data:
-                self._needs_full_data.discard(rid)
+        needs_full_data = self._needs_full_data
+        for request in scheduled_requests:
+            rid = request.request_id
+            blocks = unsent[rid]
+            if blocks:
+                unsent[rid] = []
+            else:
+                blocks = []  # not the list in unsent: later blocks are appended to that one
+            if rid in needs_full_data:
+                needs_full_data.discard(rid)
                 self._known_to_worker.add(rid)
                 new_requests.append(NewRequestData(
                     request_id=rid,
@@ -238,6 +269,7 @@ class Scheduler:
                 cached_requests.append(CachedRequestData(rid, blocks, request.num_computed_tokens))
         self._step_id += 1
         self.stats.num_steps += 1
+        self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
         if self._record_batches:
             self.stats.batch_history.append(list(scheduled))
@@ -284,44 +316,53 @@ class Scheduler:
 
     def update_from_output(self, plan: BatchPlan, result: StepResult) -> list[RequestOutput]:
         """Advance the scheduled requests by the worker's result; return what the clients see."""
-        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
-        logprobs: dict[str, list[TokenLogprobs] | None] = (
-            dict(zip(result.request_ids, result.logprobs, strict=True)) if result.logprobs else {}
-        )
-        outputs = []
+        requests = self.requests
+        running = RequestStatus.RUNNING
         for request_id, num_new in plan.num_scheduled_tokens.items():
-            request = self.requests.get(request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # ended (abort) while the step was running
-            request.num_computed_tokens += num_new
-            token_ids = sampled.get(request_id)
-            if not token_ids:
-                continue  # a prefill chunk: nothing to emit yet
+            request = requests.get(request_id)
+            if request is not None and request.status is running:  # else it ended (abort) meanwhile
+                request.num_computed_tokens += num_new
+        outputs = []
+        logprobs: list[list[TokenLogprobs] | None] = result.logprobs or [None] * len(result.request_ids)
+        for request_id, token_ids, token_logprobs in zip(
+            result.request_ids, result.sampled_token_ids, logprobs, strict=True
+        ):
+            request = requests.get(request_id)
+            if request is None or request.status is not running or not token_ids:
+                continue
+            cached = 0
             if request.first_token_ns is None:
                 request.first_token_ns = time.time_ns()
-            emitted: list[int] = []
-            reason = None
-            for token_id in token_ids:
-                request.append_output_token(token_id)
-                emitted.append(token_id)
-                reason = self._stop_reason(request, token_id)
-                if reason is not None:
-                    break
-            token_logprobs = logprobs.get(request_id)
-            if token_logprobs is not None:
-                token_logprobs = token_logprobs[: len(emitted)]
-            cached = request.num_cached_tokens if request.num_output_tokens == len(emitted) else 0
+                cached = request.num_cached_tokens
+            if len(token_ids) == 1:  # the common case, spelled out: one call less per token
+                token_id = token_ids[0]
+                request.token_ids.append(token_id)
+                reason = self._stop_reason(request, token_id) if (
+                    len(request.token_ids) >= request.max_num_tokens or token_id in request.sampling.stop_token_ids
+                ) else None
+                emitted = token_ids
+            else:
+                emitted = []
+                reason = None
+                for token_id in token_ids:
+                    request.token_ids.append(token_id)
+                    emitted.append(token_id)
+                    reason = self._stop_reason(request, token_id)
+                    if reason is not None:
+                        break
+                if token_logprobs is not None:
+                    token_logprobs = token_logprobs[: len(emitted)]
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(RequestOutput(request_id, emitted, reason, token_logprobs, cached))
         return outputs
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        """Why ``request`` ends after appending ``token_id``, or None if it goes on."""
         params = request.sampling
-        num_out = request.num_output_tokens
-        if token_id in params.stop_token_ids and num_out >= params.min_tokens:
+        if token_id in params.stop_token_ids and request.num_output_tokens >= params.min_tokens:
             return "stop"
-        if num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if len(request.token_ids) >= request.max_num_tokens:
             return "length"
         return None
 
