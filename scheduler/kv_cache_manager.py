@@ -238,6 +238,27 @@ class KVCacheManager:
         self._tables[child.request_id] = child_table
         return copies
 
+    def transfer(self, source: Request, target: Request) -> None:
+        """Hand ``source``'s blocks and progress to ``target``, which continues the same tokens.
+
+        The last child of a fork takes its parent's table this way: the parent's
+        partial block is then written by one sequence only and needs no copy.
+        """
+        table = self._tables.pop(source.request_id, None)
+        if table is None:
+            raise ValueError(f"{source.request_id} holds no blocks to hand over")
+        if target.request_id in self._tables:
+            raise ValueError(f"{target.request_id} already holds blocks")
+        num_computed = source.num_computed_tokens
+        if target.cache_salt != source.cache_salt or target.token_ids[:num_computed] != source.token_ids[:num_computed]:
+            self._tables[source.request_id] = table
+            raise ValueError(f"{target.request_id} does not continue {source.request_id}")
+        table.request = target
+        if self.enable_prefix_caching:
+            target.block_hashes = source.block_hashes[: table.num_full_blocks]
+        target.num_computed_tokens = num_computed
+        self._tables[target.request_id] = table
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; refused (False) while any block is referenced."""
         if not self.pool.forget_all_hashes():

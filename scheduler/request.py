@@ -33,6 +33,9 @@ class Request:
     priority: int = 0
     cache_salt: str = ""
     traceparent: str | None = None
+    # Parallel sampling: a parent of n > 1 choices until it is forked; a choice points at its parent.
+    n: int = 1
+    parent: Request | None = None
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
