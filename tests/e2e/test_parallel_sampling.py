@@ -26,6 +26,14 @@ def _token_ids(choice: Any) -> list[int]:
     return list(choice.model_extra["token_ids"])
 
 
+def _settled_health(stack: ServeStack) -> dict[str, Any]:
+    """/health once idle and refreshed since: the gateway polls the scheduler's status every
+    second, so right after a request it may still report counters from before it."""
+    stack.wait_idle()
+    time.sleep(2.5)
+    return stack.wait_idle()
+
+
 def _counters_after(stack: ServeStack, before: dict[str, Any], forks: int, timeout: float = 15.0) -> dict[str, Any]:
     """/health once the scheduler reported ``forks`` more forks and nothing running (the
     gateway refreshes the scheduler's status every second)."""
@@ -47,7 +55,7 @@ def test_greedy_choices_equal_the_single_answer_and_the_prompt_is_prefilled_once
                                        logprobs=5, extra_body=EXTRA)
     assert single.usage is not None
     prompt_len = single.usage.prompt_tokens
-    before = stack.wait_idle()
+    before = _settled_health(stack)
     three = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0, n=3,
                                       logprobs=5, extra_body=EXTRA)
     after = _counters_after(stack, before, forks=1)
