@@ -5,7 +5,8 @@
     GET  /v1/models
     GET  /health                200 when the scheduler answers and its workers are ready
 
-A request becomes one engine request per (prompt, choice); their outputs are
+A request becomes one engine request per prompt, carrying its ``n`` choices (the
+scheduler prefills the prompt once and forks it); the outputs of every choice are
 merged into one response, or one SSE stream ending with ``data: [DONE]``.
 """
 
@@ -41,7 +42,7 @@ from gateway.generation import (
     TokenText,
     chat_logprobs,
     completion_logprobs,
-    generate_choice,
+    generate_choices,
 )
 from gateway.lifecycle import RequestLifecycle
 from gateway.metrics import GatewayMetrics
@@ -91,7 +92,7 @@ class PreparedRequest:
     response_id: str
     prompts: list[list[int]]
     n: int
-    sampling: list[m.SamplingParams]  # one per choice of a prompt (seeds differ per choice)
+    sampling: m.SamplingParams  # choice i of a seeded request samples with seed + i (the scheduler's doing)
     stop: list[str]
     skip_special_tokens: bool
     stream: bool
@@ -178,6 +179,13 @@ class Gateway:
             "num_waiting": status.num_waiting,
             "num_preemptions": status.num_preemptions,
             "max_model_len": status.max_model_len,
+            # scheduler counters since start: prompt tokens admitted and found in the prefix
+            # cache, tokens computed, parallel-sampling forks and their copied blocks
+            "prefix_cache_queries": status.prefix_cache_queries,
+            "prefix_cache_hits": status.prefix_cache_hits,
+            "num_scheduled_tokens": status.num_scheduled_tokens,
+            "num_forks": status.num_forks,
+            "num_block_copies": status.num_block_copies,
         })
 
     async def models(self, request: Request) -> Response:
@@ -246,10 +254,10 @@ class Gateway:
                 life.prompt_tokens = sum(len(p) for p in prep.prompts)
                 span.set_attributes({"loomserve.request_id": prep.response_id, "loomserve.n": prep.n,
                                      "loomserve.stream": prep.stream,
-                                     "loomserve.max_tokens": prep.sampling[0].max_tokens,
+                                     "loomserve.max_tokens": prep.sampling.max_tokens,
                                      "loomserve.prompt_tokens": life.prompt_tokens})
                 with self.tracer.start_as_current_span("rate_limit"):
-                    reserve = life.prompt_tokens + len(prep.prompts) * prep.n * prep.sampling[0].max_tokens
+                    reserve = life.prompt_tokens + len(prep.prompts) * prep.n * prep.sampling.max_tokens
                     try:
                         life.admission = await self.services.limiter.admit(principal, reserve)
                     except RateLimitExceeded as e:
@@ -353,32 +361,28 @@ class Gateway:
         return prompts
 
     def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                  logprobs: int | None) -> list[m.SamplingParams]:
+                  logprobs: int | None) -> m.SamplingParams:
         eos = [] if req.ignore_eos else self.model.eos_token_ids
         bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
         vocab = len(self.model.tokenizer)
         if bias and any(not 0 <= k < vocab for k in bias):
             raise APIError(400, f"logit_bias has a token id outside the vocabulary of {vocab}",
                            param="logit_bias")
-        params = []
-        for choice in range(req.n):
-            seed = req.seed if req.seed is None or req.n == 1 else req.seed + choice
-            params.append(m.SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
-                seed=seed,
-                presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty,
-                logit_bias=bias,
-                logprobs=logprobs,
-                stop_token_ids=sorted(set(eos) | set(req.stop_token_ids or [])),
-                min_tokens=req.min_tokens,
-            ))
-        return params
+        return m.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias=bias,
+            logprobs=logprobs,
+            stop_token_ids=sorted(set(eos) | set(req.stop_token_ids or [])),
+            min_tokens=req.min_tokens,
+        )
 
     def _finish_prepare(self, kind: str, req: CompletionRequest | ChatCompletionRequest,
                         prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
@@ -482,45 +486,43 @@ class Gateway:
         await life.finish(200)
         return _json_response(200, body, headers)
 
-    def _trace_context(self, life: RequestLifecycle, index: int) -> str | None:
+    def _trace_context(self, life: RequestLifecycle, prompt_index: int) -> str | None:
         """A child span per engine request; its traceparent rides inside AddRequest."""
         with self.tracer.start_as_current_span("generate", context=trace.set_span_in_context(life.span),
-                                               attributes={"loomserve.choice": index}) as span:
+                                               attributes={"loomserve.prompt": prompt_index}) as span:
             return inject_traceparent(span)
 
     def _engine_requests(self, prep: PreparedRequest, life: RequestLifecycle) -> list[tuple[int, m.AddRequest]]:
+        """One engine request per prompt, with the index of its first choice (prompt p has
+        choices p * n .. p * n + n - 1)."""
         now = time.time()
-        out = []
-        for p, prompt in enumerate(prep.prompts):
-            for c in range(prep.n):
-                index = p * prep.n + c
-                out.append((index, m.AddRequest(
-                    request_id=f"{prep.response_id}-{index}",
-                    prompt_token_ids=prompt,
-                    sampling=prep.sampling[c],
-                    arrival_time=now,
-                    priority=prep.priority,
-                    tenant=life.principal.tenant,
-                    traceparent=self._trace_context(life, index),
-                    queue_timeout_s=prep.queue_timeout_s,
-                )))
-        return out
+        return [(p * prep.n, m.AddRequest(
+            request_id=f"{prep.response_id}-{p}",
+            prompt_token_ids=prompt,
+            sampling=prep.sampling,
+            arrival_time=now,
+            priority=prep.priority,
+            tenant=life.principal.tenant,
+            traceparent=self._trace_context(life, p),
+            queue_timeout_s=prep.queue_timeout_s,
+            n=prep.n,
+        )) for p, prompt in enumerate(prep.prompts)]
 
     async def _merged(self, prep: PreparedRequest, life: RequestLifecycle) -> AsyncGenerator[ChoiceDelta, None]:
         """Deltas of every choice, as they come."""
         queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
         engine_requests = self._engine_requests(prep, life)
 
-        async def run(index: int, add: m.AddRequest) -> None:
+        async def run(first_index: int, add: m.AddRequest) -> None:
             try:
-                async for delta in generate_choice(self.engine, self.model.tokenizer, add, index, prep.stop,
-                                                   prep.skip_special_tokens, prep.kind == "completion"):
+                async for delta in generate_choices(self.engine, self.model.tokenizer, add, first_index, prep.stop,
+                                                    prep.skip_special_tokens, prep.kind == "completion"):
                     queue.put_nowait(delta)
             except Exception as e:
                 queue.put_nowait(e)
 
         tasks = [asyncio.create_task(run(i, add)) for i, add in engine_requests]
-        remaining = len(tasks)
+        remaining = len(prep.prompts) * prep.n  # choices not ended yet
         try:
             while remaining:
                 item = await queue.get()

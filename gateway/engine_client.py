@@ -86,26 +86,27 @@ class EngineClient:
     # -- requests ------------------------------------------------------------
 
     async def generate(self, request: m.AddRequest) -> AsyncGenerator[m.RequestOutput, None]:
-        """Yield the request's outputs until it finishes. Leaving early (client
-        gone, stop string found) aborts it in the scheduler."""
+        """Yield the request's outputs until each of its choices finished; an output's
+        ``request_id`` names its choice (``m.choice_request_ids``). An error ends the whole
+        request with EngineError. Leaving early (client gone, stop string found) aborts
+        what still runs in the scheduler."""
         queue: asyncio.Queue[m.RequestOutput] = asyncio.Queue()
-        self._streams[request.request_id] = queue
-        finished = False
+        unfinished = set(m.choice_request_ids(request.request_id, request.n))
+        for output_id in unfinished:
+            self._streams[output_id] = queue
         try:
             await self._sock.send(self._encoder.encode(request))
-            while True:
+            while unfinished:
                 out = await queue.get()
-                if out.error is not None and out.finish_reason == "error":
-                    finished = True
-                    raise EngineError(out.error)
                 if out.finish_reason is not None:
-                    finished = True
+                    unfinished.discard(out.request_id)
+                    if out.error is not None and out.finish_reason == "error":
+                        raise EngineError(out.error)
                 yield out
-                if finished:
-                    return
         finally:
-            del self._streams[request.request_id]
-            if not finished:
+            for output_id in m.choice_request_ids(request.request_id, request.n):
+                del self._streams[output_id]
+            if unfinished:
                 await self.abort([request.request_id])
 
     async def abort(self, request_ids: list[str]) -> None:

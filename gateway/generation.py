@@ -1,10 +1,10 @@
-"""One generated choice: token ids from the engine in, text and logprobs out.
+"""Generated choices: token ids from the engine in, text and logprobs out.
 
 Per output token: detokenize incrementally (never half a UTF-8 character),
 run the stop-string matcher (cut exactly before a stop string, hold back text
 that might start one), and format logprobs. When a stop string is found the
-engine stream is left, which aborts the request in the scheduler; the choice
-ends with ``finish_reason`` "stop".
+choice is aborted in the scheduler and ends with ``finish_reason`` "stop".
+One engine request carries the ``n`` choices of a prompt.
 """
 
 from __future__ import annotations
@@ -60,38 +60,68 @@ class TokenText:
         return cached
 
 
-async def generate_choice(
+class ChoiceDecoder:
+    """Token ids of one choice in, its text out: the incremental detokenizer and the
+    stop-string matcher. ``continues_prompt``: the text is appended to the prompt
+    (completions), so the first token keeps a leading space that a SentencePiece
+    decode would strip."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], index: int,
+                 stop: list[str], skip_special_tokens: bool, continues_prompt: bool) -> None:
+        context = prompt_token_ids if continues_prompt else ()
+        self.index = index
+        self._detok = IncrementalDetokenizer(tokenizer, context, skip_special_tokens=skip_special_tokens)
+        self._matcher = StopStringMatcher(stop) if stop else None
+
+    def feed(self, out: m.RequestOutput) -> ChoiceDelta:
+        """The delta of one engine output; ``finish_reason`` "stop" when a stop string ended it."""
+        text = self._detok.add_tokens(out.new_token_ids)
+        reason = out.finish_reason
+        if reason is not None:
+            text += self._detok.flush()
+        matcher = self._matcher
+        if matcher is not None:
+            text, hit = matcher.feed(text)
+            if hit:
+                reason = "stop"
+            elif reason is not None:
+                text += matcher.flush()
+                if matcher.stopped:  # a stop string completed inside the held-back tail
+                    reason = "stop"
+        return ChoiceDelta(self.index, text, list(out.new_token_ids), list(out.logprobs or []), reason)
+
+
+async def generate_choices(
     engine: EngineClient,
     tokenizer: PreTrainedTokenizerBase,
     request: m.AddRequest,
-    index: int,
+    first_index: int,
     stop: list[str],
     skip_special_tokens: bool,
     continues_prompt: bool,
 ) -> AsyncIterator[ChoiceDelta]:
-    """``continues_prompt``: the text is appended to the prompt (completions), so the
-    first token keeps a leading space that a SentencePiece decode would strip."""
-    context = request.prompt_token_ids if continues_prompt else ()
-    detok = IncrementalDetokenizer(tokenizer, context, skip_special_tokens=skip_special_tokens)
-    matcher = StopStringMatcher(stop) if stop else None
+    """The deltas of the ``request.n`` choices of one engine request, numbered from
+    ``first_index``, as they come. A choice ended by a stop string is aborted in the
+    scheduler at once; the others go on."""
+    decoders = {
+        output_id: ChoiceDecoder(tokenizer, request.prompt_token_ids, first_index + i, stop, skip_special_tokens,
+                                 continues_prompt)
+        for i, output_id in enumerate(m.choice_request_ids(request.request_id, request.n))
+    }
     stream: AsyncGenerator[m.RequestOutput, None] = engine.generate(request)
     try:
         async for out in stream:
-            text = detok.add_tokens(out.new_token_ids)
-            reason = out.finish_reason
-            if reason is not None:
-                text += detok.flush()
-            if matcher is not None:
-                text, hit = matcher.feed(text)
-                if hit:
-                    reason = "stop"
-                elif reason is not None:
-                    text += matcher.flush()
-                    if matcher.stopped:  # a stop string completed inside the held-back tail
-                        reason = "stop"
-            yield ChoiceDelta(index, text, list(out.new_token_ids), list(out.logprobs or []), reason)
-            if reason is not None:
-                return
+            decoder = decoders.get(out.request_id)
+            if decoder is None:
+                continue  # a choice already ended here by a stop string
+            delta = decoder.feed(out)
+            yield delta
+            if delta.finish_reason is not None:
+                del decoders[out.request_id]
+                if not decoders:
+                    return  # leaving the stream aborts whatever still runs
+                if out.finish_reason is None:
+                    await engine.abort([out.request_id])
     finally:
         await stream.aclose()
 

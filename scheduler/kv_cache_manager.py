@@ -69,12 +69,15 @@ def hash_block_tokens(
 
 
 class _BlockTable:
-    __slots__ = ("block_ids", "num_full_blocks", "request")
+    __slots__ = ("block_ids", "num_full_blocks", "quiet_limit", "request")
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.block_ids: list[int] = []
         self.num_full_blocks = 0
+        # Up to this many scheduled tokens, allocate_slots has nothing to do: no block
+        # to add, none filled to register. Most decodes stay below it (see _set_quiet_limit).
+        self.quiet_limit = 0
 
 
 class KVCacheManager:
@@ -90,7 +93,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, _BlockTable] = {}
-        self.prefix_cache_queries = 0  # tokens looked up by get_computed_blocks
+        # Counted once per admission (a request's first allocate_slots), not per lookup:
+        # a head-of-line request retried every step is one query.
+        self.prefix_cache_queries = 0  # tokens of admitted requests
         self.prefix_cache_hits = 0  # of those, tokens found cached
 
     @property
@@ -121,10 +126,7 @@ class KVCacheManager:
             if block_id is None:
                 break
             hit_ids.append(block_id)
-        num_hit_tokens = len(hit_ids) * self.block_size
-        self.prefix_cache_queries += num_tokens
-        self.prefix_cache_hits += num_hit_tokens
-        return hit_ids, num_hit_tokens
+        return hit_ids, len(hit_ids) * self.block_size
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None
@@ -136,8 +138,16 @@ class KVCacheManager:
         evict them. Returns the ids appended to the table by this call, computed
         ones first, or None, changing nothing, if too few blocks are free.
         Blocks full once these tokens are computed are registered in the cache now.
+        The first call for a request (its admission) counts its tokens as prefix-cache
+        queries and its computed blocks as hits.
         """
         table = self._tables.get(request.request_id)
+        if (
+            table is not None
+            and not new_computed_blocks
+            and request.num_computed_tokens + num_new_tokens <= table.quiet_limit
+        ):
+            return []  # the common decode: its slot is in the last block, which stays partial
         is_new = table is None
         if table is None:
             table = _BlockTable(request)
@@ -164,12 +174,16 @@ class KVCacheManager:
             appended = []
         if is_new:
             self._tables[request.request_id] = table
+            if self.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += len(computed_ids) * block_size
 
         num_full_blocks = min(num_tokens, request.num_tokens) // block_size
         if num_full_blocks > table.num_full_blocks:
             if self.enable_prefix_caching:
                 self._register_full_blocks(table, num_full_blocks)
             table.num_full_blocks = num_full_blocks
+        self._set_quiet_limit(table)
         return appended
 
     def get_block_ids(self, request_id: str) -> list[int]:
@@ -217,11 +231,33 @@ class KVCacheManager:
         for block_id in child_table.block_ids[:num_shared]:
             self.pool.take_reference(block_id)
         child_table.num_full_blocks = num_shared
+        self._set_quiet_limit(child_table)
         if self.enable_prefix_caching:
             child.block_hashes = parent.block_hashes[:num_shared]
         child.num_computed_tokens = num_computed
         self._tables[child.request_id] = child_table
         return copies
+
+    def transfer(self, source: Request, target: Request) -> None:
+        """Hand ``source``'s blocks and progress to ``target``, which continues the same tokens.
+
+        The last child of a fork takes its parent's table this way: the parent's
+        partial block is then written by one sequence only and needs no copy.
+        """
+        table = self._tables.pop(source.request_id, None)
+        if table is None:
+            raise ValueError(f"{source.request_id} holds no blocks to hand over")
+        if target.request_id in self._tables:
+            raise ValueError(f"{target.request_id} already holds blocks")
+        num_computed = source.num_computed_tokens
+        if target.cache_salt != source.cache_salt or target.token_ids[:num_computed] != source.token_ids[:num_computed]:
+            self._tables[source.request_id] = table
+            raise ValueError(f"{target.request_id} does not continue {source.request_id}")
+        table.request = target
+        if self.enable_prefix_caching:
+            target.block_hashes = source.block_hashes[: table.num_full_blocks]
+        target.num_computed_tokens = num_computed
+        self._tables[target.request_id] = table
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; refused (False) while any block is referenced."""
@@ -240,6 +276,9 @@ class KVCacheManager:
             assert len(set(ids)) == len(ids), f"{request_id} holds a block twice: {ids}"
             holders.update(ids)
             assert table.num_full_blocks <= len(ids), f"{request_id}: full mark past its table"
+            assert table.quiet_limit == min(len(ids), table.num_full_blocks + 1) * self.block_size - 1, (
+                f"{request_id}: stale quiet limit"
+            )
             request = table.request
             assert len(request.block_hashes) <= request.num_tokens // self.block_size
             parent = root_block_hash(request.cache_salt)
@@ -288,6 +327,13 @@ class KVCacheManager:
         table.block_ids.extend(appended)
         table.num_full_blocks = len(computed_ids)
         return appended
+
+    def _set_quiet_limit(self, table: _BlockTable) -> None:
+        """Scheduled tokens up to the limit fit the table's blocks and fill no block past
+        ``num_full_blocks``, so allocate_slots can return at once (registration waits for
+        a block to fill: the limit stops one token short of that)."""
+        block_size = self.block_size
+        table.quiet_limit = min(len(table.block_ids), table.num_full_blocks + 1) * block_size - 1
 
     def _register_full_blocks(self, table: _BlockTable, num_full_blocks: int) -> None:
         block_hashes = self._block_hashes(table.request, num_full_blocks)

@@ -15,7 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One sequence being generated.
 
@@ -33,6 +33,9 @@ class Request:
     priority: int = 0
     cache_salt: str = ""
     traceparent: str | None = None
+    # Parallel sampling: a parent of n > 1 choices until it is forked; a choice points at its parent.
+    n: int = 1
+    parent: Request | None = None
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
@@ -40,6 +43,8 @@ class Request:
     finish_reason: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    # Set at admission: the length (prompt + outputs) at which it ends with "length".
+    max_num_tokens: int = 0
     # Wall-clock times (ns) for the request's trace: first admitted, first token, preempted.
     first_scheduled_ns: int | None = None
     first_token_ns: int | None = None

@@ -17,6 +17,21 @@ what the prefix cache still holds).
 The scheduler is synchronous with its workers: ``schedule()`` produces one
 ``BatchPlan``, the worker group runs it, ``update_from_output()`` applies the
 ``StepResult``. Progress (``num_computed_tokens``) advances only there.
+
+Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once::
+
+    parent  P  tokens t0 .. t(L-2) computed, like any prompt (never sampled)
+       | fork, at the start of the step after (or at admission, if nothing is left)
+       v
+    P#0 .. P#(n-1)   each computes t(L-1) and samples its own first token from there
+
+The parent holds ``n`` of the ``max_num_seqs`` seats from its admission on. The
+fork shares every full block; the partial last block, if any, is copied on
+write for the first n-1 choices (``BatchPlan.block_copies``) and handed to the
+last one. The choices are new requests to the worker, with their computed
+tokens and block tables; from then on each is an ordinary request (it is
+preempted and recomputed alone). Choice ``i`` of a seeded request samples with
+``seed + i``.
 """
 
 from __future__ import annotations
@@ -25,11 +40,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.policy import WaitingQueue, pick_victim
 from scheduler.request import Request, RequestStatus
 from shared.config import SchedulerConfig
 from shared.messages import (
+    CHOICE_SEPARATOR,
     BatchPlan,
     CachedRequestData,
     ErrorInfo,
@@ -37,9 +55,17 @@ from shared.messages import (
     RequestOutput,
     StepResult,
     TokenLogprobs,
+    choice_request_ids,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index``: ``seed + index``, wrapped past 2**64 (the sampler keeps
+    a seed's low 64 bits; the wire carries at most 64)."""
+    seed += index
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 @dataclass
@@ -49,6 +75,9 @@ class SchedulerStats:
     num_finished: int = 0
     num_aborted: int = 0
     num_rejected: int = 0
+    num_scheduled_tokens: int = 0  # tokens computed (prompt and output), over all steps
+    num_forks: int = 0  # requests of n > 1 split into their choices
+    num_block_copies: int = 0  # partial blocks copied on write by those forks
     max_batch_size: int = 0
     # Request ids of each step, kept only when tracing batches (tests, debugging).
     batch_history: list[list[str]] = field(default_factory=list)
@@ -87,6 +116,13 @@ class Scheduler:
         self._needs_full_data: set[str] = set()
         # Block ids allocated to a running request that no plan has carried yet.
         self._unsent_blocks: dict[str, list[int]] = {}
+        # Parallel sampling: requests of n > 1 not forked yet (waiting or running), the
+        # live choices of forked ones by parent id, the seats that running parents hold
+        # for their choices (n - 1 each), and the copies the next plan carries.
+        self._parents: dict[str, Request] = {}
+        self._children: dict[str, list[Request]] = {}
+        self._num_reserved_seqs = 0
+        self._block_copies: list[tuple[int, int]] = []
 
     # -- admission and abort -------------------------------------------------
 
@@ -94,10 +130,18 @@ class Scheduler:
         """Queue ``request``, or raise AdmissionError if it can never run."""
         if request.request_id in self.requests:
             raise AdmissionError(ErrorInfo(400, f"request id {request.request_id!r} is already in use"))
+        if CHOICE_SEPARATOR in request.request_id:
+            raise AdmissionError(ErrorInfo(
+                400, f"request id {request.request_id!r} contains {CHOICE_SEPARATOR!r}, which separates the "
+                     f"choices of a request with n > 1; choose another id"))
         prompt_len = request.num_prompt_tokens
         total = prompt_len + request.sampling.max_tokens
         if prompt_len == 0:
             raise AdmissionError(ErrorInfo(400, "the prompt is empty"))
+        if not 1 <= request.n <= self.config.max_num_seqs:
+            raise AdmissionError(ErrorInfo(
+                400, f"n = {request.n} choices can never run: n must be between 1 and the "
+                     f"{self.config.max_num_seqs} sequences a step may hold (--max-num-seqs)"))
         if total > self.max_model_len:
             raise AdmissionError(ErrorInfo(
                 400,
@@ -106,12 +150,26 @@ class Scheduler:
                 f"{total}; shorten the prompt or lower max_tokens",
             ))
         capacity = self.kv_cache.max_tokens_ever()
-        if total > capacity:
+        if request.n == 1 and total > capacity:
             raise AdmissionError(ErrorInfo(
                 400,
                 f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
                 f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
             ))
+        if request.n > 1:
+            # The choices share the prompt's full blocks (all but the last prompt token's);
+            # each needs its own blocks from there to its end.
+            block_size = self.kv_cache.block_size
+            num_shared = (prompt_len - 1) // block_size
+            num_blocks = num_shared + request.n * (-(-total // block_size) - num_shared)
+            if num_blocks > self.kv_cache.num_blocks:
+                raise AdmissionError(ErrorInfo(
+                    400,
+                    f"n = {request.n} choices of {prompt_len} prompt tokens (shared) + "
+                    f"{request.sampling.max_tokens} max_tokens need {num_blocks} blocks of {block_size} tokens "
+                    f"and can never fit in the KV cache ({self.kv_cache.num_blocks} blocks, {capacity} tokens); "
+                    f"lower max_tokens or n",
+                ))
         queued, queued_tokens = len(self.waiting), self.waiting.num_tokens
         if queued >= self.config.max_waiting_requests or queued_tokens + prompt_len > self.config.max_waiting_tokens:
             raise AdmissionError(ErrorInfo(
@@ -121,18 +179,23 @@ class Scheduler:
                 type="queue_full",
                 retry_after_s=self.config.queue_full_retry_after_s,
             ))
+        request.max_num_tokens = min(total, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        if request.n > 1:
+            self._parents[request.request_id] = request
         self.waiting.push(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        """End the given requests; the id of a forked request ends each of its choices."""
         outputs = []
         for request_id in request_ids:
             request = self.requests.get(request_id)
-            if request is None:
-                continue
-            self.stats.num_aborted += 1
-            outputs.append(self._finish(request, "abort"))
+            ending = [request] if request is not None else list(self._children.get(request_id, ()))
+            for request in ending:
+                self.stats.num_aborted += 1
+                self._finish(request, "abort")
+                outputs += [RequestOutput(i, [], "abort") for i in choice_request_ids(request.request_id, request.n)]
         return outputs
 
     def expire_waiting(self, now: float) -> list[RequestOutput]:
@@ -143,9 +206,11 @@ class Scheduler:
         for request in expired:
             waited = now - request.arrival_time
             self._finish(request, "error")
-            outputs.append(RequestOutput(request.request_id, [], "error", error=ErrorInfo(
+            error = ErrorInfo(
                 503, f"the request waited {waited:.1f} s in the queue, past its queue timeout; retry later",
-                type="queue_timeout", retry_after_s=self.config.queue_full_retry_after_s)))
+                type="queue_timeout", retry_after_s=self.config.queue_full_retry_after_s)
+            outputs += [RequestOutput(i, [], "error", error=error)
+                        for i in choice_request_ids(request.request_id, request.n)]
         return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
@@ -154,11 +219,13 @@ class Scheduler:
         outputs = []
         for request in list(self.requests.values()):
             self._finish(request, "error")
-            outputs.append(RequestOutput(request.request_id, [], "error", error=error))
+            outputs += [RequestOutput(i, [], "error", error=error)
+                        for i in choice_request_ids(request.request_id, request.n)]
         self._known_to_worker.clear()
         self._finished_since_plan.clear()
         self._needs_full_data.clear()
         self._unsent_blocks.clear()
+        self._block_copies.clear()
         return outputs
 
     # -- one step ------------------------------------------------------------
@@ -170,21 +237,54 @@ class Scheduler:
         """Choose this step's tokens; None when there is nothing to compute."""
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        scheduled_requests: list[Request] = []
         preemptions_before = self.stats.num_preemptions
+        kv_cache = self.kv_cache
+        unsent = self._unsent_blocks
+        running = RequestStatus.RUNNING
+        if self._parents:
+            ready = [p for p in self._parents.values()
+                     if p.status is running and p.num_computed_tokens == len(p.token_ids) - 1]
+            for parent in ready:
+                if parent.status is running:  # not preempted by the fork of another
+                    self._fork(parent, scheduled)
 
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for request in decoding + prefilling:
+        # Decodes first, in running order, then the prefills. This loop runs once per
+        # running sequence per step: it is kept to a few attribute reads per decode.
+        prefilling = []
+        for request in self.running[:]:  # a copy: preemption removes from self.running
+            if len(request.token_ids) - request.num_computed_tokens != 1:
+                prefilling.append(request)
+                continue
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not running:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            blocks = kv_cache.allocate_slots(request, 1)
+            if blocks is None:
+                blocks = self._allocate_or_preempt(request, 1, scheduled)
+                if blocks is None:
+                    continue
+            if blocks:
+                unsent[request.request_id] += blocks
+            scheduled[request.request_id] = 1
+            scheduled_requests.append(request)
+            budget -= 1
+        for request in prefilling:
+            if budget == 0:
+                break
+            if request.status is not running:
+                continue
+            num_left = len(request.token_ids) - request.num_computed_tokens
+            if request.n > 1:
+                num_left -= 1  # a parent stops one token short: each choice computes the last one
+            num_new = min(num_left, budget)
             blocks = self._allocate_or_preempt(request, num_new, scheduled)
             if blocks is None:
                 continue
-            self._unsent_blocks[request.request_id] += blocks
+            unsent[request.request_id] += blocks
             scheduled[request.request_id] = num_new
+            scheduled_requests.append(request)
             budget -= num_new
 
         # After a preemption this step, admitting would only evict again. A static
@@ -193,13 +293,15 @@ class Scheduler:
         static = self.config.batching == "static"
         preempted_now = self.stats.num_preemptions > preemptions_before
         admitting = not preempted_now and not (static and self.running)
-        while admitting and len(self.running) < self.config.max_num_seqs and (budget > 0 or static):
+        max_num_seqs = self.config.max_num_seqs
+        while admitting and (budget > 0 or static):
             head = self.waiting.peek()
-            if head is None:
+            if head is None or len(self.running) + self._num_reserved_seqs + head.n > max_num_seqs:
                 break
-            computed_blocks, num_computed = self.kv_cache.get_computed_blocks(head)
-            num_new = min(head.num_tokens - num_computed, budget)
-            blocks = self.kv_cache.allocate_slots(head, num_new, computed_blocks)
+            computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
+            num_left = head.num_tokens - num_computed - (1 if head.n > 1 else 0)
+            num_new = min(num_left, budget)
+            blocks = kv_cache.allocate_slots(head, num_new, computed_blocks)
             if blocks is None:
                 break  # head of line waits for blocks; later arrivals do not jump it
             self.waiting.pop()
@@ -209,22 +311,33 @@ class Scheduler:
             head.num_computed_tokens = num_computed
             head.status = RequestStatus.RUNNING
             self.running.append(head)
-            self._unsent_blocks[head.request_id] = blocks
+            unsent[head.request_id] = blocks
             self._needs_full_data.add(head.request_id)
+            if head.n > 1:
+                self._num_reserved_seqs += head.n - 1
+                if num_left == 0:  # a one-token prompt, or all of it cached: fork now
+                    budget = self._schedule_new_choices(self._fork(head, scheduled), budget, scheduled,
+                                                        scheduled_requests)
+                    continue
             if num_new:
                 scheduled[head.request_id] = num_new
+                scheduled_requests.append(head)
                 budget -= num_new
 
         if not scheduled:
             return None
         new_requests: list[NewRequestData] = []
         cached_requests: list[CachedRequestData] = []
-        for rid in scheduled:
-            request = self.requests[rid]
-            blocks = self._unsent_blocks[rid]
-            self._unsent_blocks[rid] = []
-            if rid in self._needs_full_data:
-                self._needs_full_data.discard(rid)
+        needs_full_data = self._needs_full_data
+        for request in scheduled_requests:
+            rid = request.request_id
+            blocks = unsent[rid]
+            if blocks:
+                unsent[rid] = []
+            else:
+                blocks = []  # not the list in unsent: later blocks are appended to that one
+            if rid in needs_full_data:
+                needs_full_data.discard(rid)
                 self._known_to_worker.add(rid)
                 new_requests.append(NewRequestData(
                     request_id=rid,
@@ -238,6 +351,7 @@ class Scheduler:
                 cached_requests.append(CachedRequestData(rid, blocks, request.num_computed_tokens))
         self._step_id += 1
         self.stats.num_steps += 1
+        self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
         if self._record_batches:
             self.stats.batch_history.append(list(scheduled))
@@ -247,9 +361,80 @@ class Scheduler:
             cached_requests=cached_requests,
             num_scheduled_tokens=scheduled,
             finished_request_ids=self._finished_since_plan,
+            block_copies=self._block_copies,
         )
         self._finished_since_plan = []
+        if self._block_copies:
+            self._block_copies = []
         return plan
+
+    def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
+        """Split ``parent``, computed up to its last prompt token, into its n choices.
+
+        A partial last block needs n - 1 free blocks for its copies: others are
+        preempted until they are free, or the parent is, if it is the policy's
+        victim (then no choice exists yet and [] is returned).
+        """
+        kv_cache = self.kv_cache
+        num_copies = parent.n - 1 if parent.num_computed_tokens % kv_cache.block_size else 0
+        while kv_cache.num_free_blocks < num_copies:
+            victim = pick_victim(self.config.policy, [r for r in self.running if r.request_id not in scheduled])
+            self._preempt(victim)
+            if victim is parent:
+                return []
+        parent_id = parent.request_id
+        children = []
+        for index, child_id in enumerate(choice_request_ids(parent_id, parent.n)):
+            sampling = parent.sampling
+            if sampling.seed is not None:
+                sampling = msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, index))
+            children.append(Request(
+                request_id=child_id, prompt_token_ids=parent.prompt_token_ids, sampling=sampling,
+                arrival_time=parent.arrival_time, priority=parent.priority, cache_salt=parent.cache_salt,
+                traceparent=parent.traceparent, status=RequestStatus.RUNNING,
+                num_cached_tokens=parent.num_cached_tokens, max_num_tokens=parent.max_num_tokens,
+                first_scheduled_ns=parent.first_scheduled_ns, parent=parent,
+            ))
+        for child in children[:-1]:
+            copies = kv_cache.fork(parent, child)
+            assert copies is not None, "free blocks for the copies were made above"
+            self._block_copies += copies
+            self.stats.num_block_copies += len(copies)
+        kv_cache.transfer(parent, children[-1])
+
+        # The parent ends here without an output of its own; its choices go on.
+        self.running.remove(parent)
+        del self.requests[parent_id], self._parents[parent_id], self._unsent_blocks[parent_id]
+        self._needs_full_data.discard(parent_id)
+        self._num_reserved_seqs -= parent.n - 1
+        parent.status = RequestStatus.FINISHED
+        if parent_id in self._known_to_worker:
+            self._known_to_worker.discard(parent_id)
+            self._finished_since_plan.append(parent_id)
+        for child in children:
+            self.requests[child.request_id] = child
+            self.running.append(child)
+            self._unsent_blocks[child.request_id] = kv_cache.get_block_ids(child.request_id)
+            self._needs_full_data.add(child.request_id)
+        self._children[parent_id] = children
+        self.stats.num_forks += 1
+        return children
+
+    def _schedule_new_choices(self, children: list[Request], budget: int, scheduled: dict[str, int],
+                              scheduled_requests: list[Request]) -> int:
+        """Schedule the last prompt token of choices forked at admission, while budget and
+        blocks last (no preemption: the rest go with the next step's decodes)."""
+        for child in children:
+            if budget == 0:
+                break
+            blocks = self.kv_cache.allocate_slots(child, 1)
+            if blocks is None:
+                break
+            self._unsent_blocks[child.request_id] += blocks
+            scheduled[child.request_id] = 1
+            scheduled_requests.append(child)
+            budget -= 1
+        return budget
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, scheduled: dict[str, int]
@@ -270,6 +455,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.running.remove(request)
+        if request.n > 1:
+            self._num_reserved_seqs -= request.n - 1
         del self._unsent_blocks[request.request_id]
         self._needs_full_data.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
@@ -284,63 +471,83 @@ class Scheduler:
 
     def update_from_output(self, plan: BatchPlan, result: StepResult) -> list[RequestOutput]:
         """Advance the scheduled requests by the worker's result; return what the clients see."""
-        sampled = dict(zip(result.request_ids, result.sampled_token_ids, strict=True))
-        logprobs: dict[str, list[TokenLogprobs] | None] = (
-            dict(zip(result.request_ids, result.logprobs, strict=True)) if result.logprobs else {}
-        )
-        outputs = []
+        requests = self.requests
+        running = RequestStatus.RUNNING
         for request_id, num_new in plan.num_scheduled_tokens.items():
-            request = self.requests.get(request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # ended (abort) while the step was running
-            request.num_computed_tokens += num_new
-            token_ids = sampled.get(request_id)
-            if not token_ids:
-                continue  # a prefill chunk: nothing to emit yet
+            request = requests.get(request_id)
+            if request is not None and request.status is running:  # else it ended (abort) meanwhile
+                request.num_computed_tokens += num_new
+        outputs = []
+        logprobs: list[list[TokenLogprobs] | None] = result.logprobs or [None] * len(result.request_ids)
+        for request_id, token_ids, token_logprobs in zip(
+            result.request_ids, result.sampled_token_ids, logprobs, strict=True
+        ):
+            request = requests.get(request_id)
+            if request is None or request.status is not running or not token_ids:
+                continue
+            cached = 0
             if request.first_token_ns is None:
                 request.first_token_ns = time.time_ns()
-            emitted: list[int] = []
-            reason = None
-            for token_id in token_ids:
-                request.append_output_token(token_id)
-                emitted.append(token_id)
-                reason = self._stop_reason(request, token_id)
-                if reason is not None:
-                    break
-            token_logprobs = logprobs.get(request_id)
-            if token_logprobs is not None:
-                token_logprobs = token_logprobs[: len(emitted)]
-            cached = request.num_cached_tokens if request.num_output_tokens == len(emitted) else 0
+                cached = request.num_cached_tokens
+                if request.parent is not None and request.parent.first_token_ns is None:
+                    request.parent.first_token_ns = request.first_token_ns  # the group's first token (traces)
+            if len(token_ids) == 1:  # the common case, spelled out: one call less per token
+                token_id = token_ids[0]
+                request.token_ids.append(token_id)
+                reason = self._stop_reason(request, token_id) if (
+                    len(request.token_ids) >= request.max_num_tokens or token_id in request.sampling.stop_token_ids
+                ) else None
+                emitted = token_ids
+            else:
+                emitted = []
+                reason = None
+                for token_id in token_ids:
+                    request.token_ids.append(token_id)
+                    emitted.append(token_id)
+                    reason = self._stop_reason(request, token_id)
+                    if reason is not None:
+                        break
+                if token_logprobs is not None:
+                    token_logprobs = token_logprobs[: len(emitted)]
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(RequestOutput(request_id, emitted, reason, token_logprobs, cached))
         return outputs
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        """Why ``request`` ends after appending ``token_id``, or None if it goes on."""
         params = request.sampling
-        num_out = request.num_output_tokens
-        if token_id in params.stop_token_ids and num_out >= params.min_tokens:
+        if token_id in params.stop_token_ids and request.num_output_tokens >= params.min_tokens:
             return "stop"
-        if num_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if len(request.token_ids) >= request.max_num_tokens:
             return "length"
         return None
 
-    def _finish(self, request: Request, reason: str) -> RequestOutput:
+    def _finish(self, request: Request, reason: str) -> None:
+        request_id = request.request_id
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-            del self._unsent_blocks[request.request_id]
-            self._needs_full_data.discard(request.request_id)
+            del self._unsent_blocks[request_id]
+            self._needs_full_data.discard(request_id)
+            if request.n > 1:
+                self._num_reserved_seqs -= request.n - 1
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+        if request.n > 1:
+            del self._parents[request_id]
+        if request.parent is not None:
+            siblings = self._children[request.parent.request_id]
+            siblings.remove(request)
+            if not siblings:
+                del self._children[request.parent.request_id]
         self.kv_cache.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        del self.requests[request.request_id]
+        del self.requests[request_id]
         self.stats.num_finished += 1
-        if request.request_id in self._known_to_worker:
-            self._known_to_worker.discard(request.request_id)
-            self._finished_since_plan.append(request.request_id)
-        return RequestOutput(request.request_id, [], reason)
+        if request_id in self._known_to_worker:
+            self._known_to_worker.discard(request_id)
+            self._finished_since_plan.append(request_id)
 
     # -- introspection -------------------------------------------------------
 
@@ -358,5 +565,8 @@ class Scheduler:
             not self.requests
             and not self.running
             and len(self.waiting) == 0
+            and not self._parents
+            and not self._children
+            and self._num_reserved_seqs == 0
             and self.kv_cache.num_used_blocks == 0
         )

@@ -16,6 +16,7 @@ ranks register again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -69,7 +70,7 @@ class SchedulerServer:
         self._ranks: dict[int, bytes] = {}  # rank -> routing id
         self._ready: dict[int, m.WorkerReady] = {}
         self._group_error: str | None = None
-        self._owner: dict[str, bytes] = {}  # request id -> gateway routing id
+        self._owner: dict[str, bytes] = {}  # output id (request id, or a choice's) -> gateway routing id
         self._in_flight: tuple[m.BatchPlan, float] | None = None
         self._deferred: list[tuple[bytes, m.AddRequest | m.AbortRequest]] = []
         self._pending: list[tuple[bytes, m.AddRequest]] = []  # before the workers are ready
@@ -79,6 +80,7 @@ class SchedulerServer:
         self._next_expiry_check = 0.0
         self._tracer = get_tracer("loomserve.scheduler")
         self._traced: dict[str, tuple[Span, Request]] = {}
+        self._open_choices: dict[str, int] = {}  # traced requests of n > 1: choices not ended yet
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -164,8 +166,8 @@ class SchedulerServer:
             self._pending = [(r, a) for r, a in self._pending if a.request_id not in aborted]
             return
         if self._group_error is not None:
-            self._reject(routing_id, msg.request_id,
-                         m.ErrorInfo(503, f"the worker group is down: {self._group_error}", "engine_error"))
+            self._reject(routing_id, msg, m.ErrorInfo(503, f"the worker group is down: {self._group_error}",
+                                                      "engine_error"))
             return
         if self.scheduler is None:
             self._pending.append((routing_id, msg))
@@ -180,23 +182,40 @@ class SchedulerServer:
             priority=msg.priority,
             cache_salt=msg.tenant,
             traceparent=msg.traceparent,
+            n=msg.n,
         )
         if msg.traceparent is not None and tracing_enabled():
             span = self._tracer.start_span("scheduler.request", context=context_from_traceparent(msg.traceparent),
-                                           attributes={"loomserve.prompt_tokens": len(msg.prompt_token_ids)})
+                                           attributes={"loomserve.prompt_tokens": len(msg.prompt_token_ids),
+                                                       "loomserve.n": msg.n})
             request.traceparent = inject_traceparent(span)  # the worker's spans become its children
             self._traced[msg.request_id] = (span, request)
+            if msg.n > 1:
+                self._open_choices[msg.request_id] = msg.n
         try:
             self.scheduler.add_request(request)
         except AdmissionError as e:
             self.scheduler.stats.num_rejected += 1
+            self._open_choices.pop(msg.request_id, None)
             self._end_trace(msg.request_id, "error", e.error.message)
-            self._reject(routing_id, msg.request_id, e.error)
+            self._reject(routing_id, msg, e.error)
             return
-        self._owner[msg.request_id] = routing_id
+        for output_id in m.choice_request_ids(msg.request_id, msg.n):
+            self._owner[output_id] = routing_id
 
-    def _end_trace(self, request_id: str, finish_reason: str, error: str | None) -> None:
-        """Queue wait, prefill and decode as child spans of the request's span, preemptions as events."""
+    def _end_trace(self, output_id: str, finish_reason: str, error: str | None) -> None:
+        """Queue wait, prefill and decode as child spans of the request's span, preemptions as events.
+
+        A request of n > 1 choices has one span, ended with its last choice; its decode
+        span runs from the first token of any choice."""
+        if not self._traced:
+            return
+        request_id, _, _ = output_id.partition(m.CHOICE_SEPARATOR)
+        if request_id in self._open_choices:
+            self._open_choices[request_id] -= 1
+            if self._open_choices[request_id] > 0:
+                return
+            del self._open_choices[request_id]
         traced = self._traced.pop(request_id, None)
         if traced is None:
             return
@@ -220,21 +239,24 @@ class SchedulerServer:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=now)
 
-    def _reject(self, routing_id: bytes, request_id: str, error: m.ErrorInfo) -> None:
-        out = m.RequestOutput(request_id, [], "error", error=error)
-        self._send_gateway(routing_id, m.RequestOutputs([out]))
+    def _reject(self, routing_id: bytes, add: m.AddRequest, error: m.ErrorInfo) -> None:
+        outs = [m.RequestOutput(i, [], "error", error=error) for i in m.choice_request_ids(add.request_id, add.n)]
+        self._send_gateway(routing_id, m.RequestOutputs(outs))
 
     def _publish(self, outputs: list[m.RequestOutput]) -> None:
         by_gateway: dict[bytes, list[m.RequestOutput]] = defaultdict(list)
+        owner = self._owner
+        num_tokens = 0
         for out in outputs:
-            routing_id = self._owner.get(out.request_id)
+            routing_id = owner.get(out.request_id)
             if routing_id is None:
                 continue
             if out.finish_reason is not None:
-                del self._owner[out.request_id]
+                del owner[out.request_id]
                 self._end_trace(out.request_id, out.finish_reason, out.error.message if out.error else None)
             by_gateway[routing_id].append(out)
-            self._tokens_since_stats += len(out.new_token_ids)
+            num_tokens += len(out.new_token_ids)
+        self._tokens_since_stats += num_tokens
         for routing_id, outs in by_gateway.items():
             self._send_gateway(routing_id, m.RequestOutputs(outs))
 
@@ -263,6 +285,9 @@ class SchedulerServer:
             prefix_cache_queries=sched.kv_cache.prefix_cache_queries if sched else 0,
             prefix_cache_hits=sched.kv_cache.prefix_cache_hits if sched else 0,
             num_steps=sched.stats.num_steps if sched else 0,
+            num_scheduled_tokens=sched.stats.num_scheduled_tokens if sched else 0,
+            num_forks=sched.stats.num_forks if sched else 0,
+            num_block_copies=sched.stats.num_block_copies if sched else 0,
         )
 
     # -- workers -------------------------------------------------------------
@@ -315,12 +340,18 @@ class SchedulerServer:
         if len(self._ready) < self.config.tp:
             return
         head = self._ready[0]
+        gc.unfreeze()  # a pool of an earlier worker group is garbage now (its free queue is cyclic)
         kv_cache = KVCacheManager(
             num_blocks=min(r.num_kv_blocks for r in self._ready.values()),
             block_size=head.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(self.config, kv_cache, head.max_model_len, self._record_batches)
+        # The block pool is ~num_blocks long-lived objects that never form garbage cycles:
+        # frozen, full collections no longer walk them (at 65k blocks a full collection
+        # took ~24 ms, every few hundred steps).
+        gc.collect()
+        gc.freeze()
         self._group_error = None
         log.info("worker group ready: %d rank(s), model %s on %s, %d KV blocks of %d tokens, "
                  "max model length %d", self.config.tp, head.model, head.device,
@@ -366,7 +397,7 @@ class SchedulerServer:
         pending, self._pending = self._pending, []
         for routing_id, msg in deferred + pending:
             if isinstance(msg, m.AddRequest):
-                self._reject(routing_id, msg.request_id, error)
+                self._reject(routing_id, msg, error)
 
     def _expire_waiting(self) -> None:
         now = time.time()

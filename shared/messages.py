@@ -74,6 +74,16 @@ class ErrorInfo(_Data, frozen=True):
 
 
 class AddRequest(_Msg, frozen=True):
+    """A prompt to generate ``n`` choices of (OpenAI's ``n``).
+
+    With ``n`` > 1 the scheduler prefills the prompt once and forks it into n
+    sequences that share its KV blocks. Their outputs carry the ids
+    ``choice_request_ids(request_id, n)`` (``<request_id>#<i>``), each ending on
+    its own; a seeded choice ``i`` samples with ``seed + i``. Aborting
+    ``request_id`` aborts every choice, aborting ``<request_id>#<i>`` only that
+    one. ``#`` is therefore not allowed in a request id.
+    """
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
@@ -82,6 +92,17 @@ class AddRequest(_Msg, frozen=True):
     tenant: str = ""
     traceparent: str | None = None
     queue_timeout_s: float | None = None
+    n: int = 1
+
+
+CHOICE_SEPARATOR = "#"
+
+
+def choice_request_ids(request_id: str, n: int) -> list[str]:
+    """The ids under which the outputs of a request of ``n`` choices arrive."""
+    if n == 1:
+        return [request_id]
+    return [f"{request_id}{CHOICE_SEPARATOR}{i}" for i in range(n)]
 
 
 class AbortRequest(_Msg, frozen=True):
@@ -138,6 +159,9 @@ class SchedulerStatus(_Msg, frozen=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_steps: int = 0
+    num_scheduled_tokens: int = 0  # tokens computed, prompts and outputs, since start
+    num_forks: int = 0  # requests of n > 1 split into their choices after one prefill
+    num_block_copies: int = 0  # partial blocks copied on write by those forks
 
 
 class ControlReply(_Msg, frozen=True):

@@ -42,17 +42,21 @@ def test_every_request_finishes_with_max_tokens(group: ProcessGroup, monkeypatch
             m.AddRequest("shared-b", shared_prompt, run_to_length(9), time.time()),
             m.AddRequest("one-token-prompt", [7], run_to_length(3), time.time()),
             m.AddRequest("one-token-output", list(range(50)), run_to_length(1), time.time()),
+            # parallel sampling: a fork with a copied partial block, and one at admission
+            m.AddRequest("parallel", list(range(200, 230)), run_to_length(10), time.time(), n=3),
+            m.AddRequest("parallel-one-token", [9], run_to_length(4), time.time(), n=2),
         ]
+        outputs = {i: r for r in requests for i in m.choice_request_ids(r.request_id, r.n)}
         # All of them in the scheduler before the first step ends, however busy the host.
         with group.paused("echo-worker"):
             for request in requests:
                 client.send(request)
             client.status()
 
-        tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        tokens: dict[str, list[int]] = {output_id: [] for output_id in outputs}
         reasons: dict[str, str] = {}
         deadline = time.monotonic() + 30
-        while len(reasons) < len(requests):
+        while len(reasons) < len(outputs):
             assert time.monotonic() < deadline, f"unfinished after 30 s: {set(tokens) - set(reasons)}"
             msg = client.recv(1.0)
             if not isinstance(msg, m.RequestOutputs):
@@ -65,11 +69,12 @@ def test_every_request_finishes_with_max_tokens(group: ProcessGroup, monkeypatch
                 if out.finish_reason is not None:
                     reasons[out.request_id] = out.finish_reason
 
-        for request in requests:
-            assert reasons[request.request_id] == "length"
-            assert tokens[request.request_id] == [DEFAULT_TOKEN_ID] * request.sampling.max_tokens
+        for output_id, request in outputs.items():
+            assert reasons[output_id] == "length"
+            assert tokens[output_id] == [DEFAULT_TOKEN_ID] * request.sampling.max_tokens
         status = client.wait_idle(group)
         assert status.workers_ready and status.error is None
+        assert status.num_forks == 2 and status.num_block_copies == 2
         group.check_alive()
         scheduler_log = (group.runtime / "scheduler.log").read_text()
         assert "preempted" in scheduler_log

@@ -73,6 +73,44 @@ def test_a_request_that_can_never_fit_is_refused(tiny: ServeStack) -> None:
     tiny.wait_idle()
 
 
+async def _complete_n(base_url: str, prompt: str, max_tokens: int, n: int) -> list[Greedy]:
+    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
+        resp: Any = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               n=n, logprobs=5, extra_body={**EXTRA, "ignore_eos": True})
+        return [_greedy(choice) for choice in sorted(resp.choices, key=lambda choice: choice.index)]
+
+
+def test_preempted_choices_of_parallel_requests_give_the_same_outputs(stack: ServeStack, tiny: ServeStack) -> None:
+    """Two requests of three greedy choices each: six sequences of ~50 tokens in 12 blocks of
+    16 tokens. Choices are preempted and recomputed alone; each still equals the single answer."""
+    reference = [asyncio.run(_complete(stack.base_url, p, 40)) for p in PROMPTS[:2]]
+    before = tiny.get("/health")[1]
+
+    async def together() -> list[list[Greedy]]:
+        return await asyncio.gather(*(_complete_n(tiny.base_url, p, 40, 3) for p in PROMPTS[:2]))
+
+    got = asyncio.run(together())
+    info = tiny.wait_idle()
+    assert info["num_preemptions"] > before["num_preemptions"], "the tiny cache should have forced preemptions"
+    for i, (ref, choices) in enumerate(zip(reference, got, strict=True)):
+        for c, ours in enumerate(choices):
+            assert_greedy_close(ref, ours, f"prompt {i} choice {c} under preemption")
+            assert len(ours.token_ids) == 40
+
+
+def test_admission_counts_every_choice(tiny: ServeStack) -> None:
+    """"hello" + 60 tokens takes 4 blocks of 16: one choice fits the 12 blocks, four never do."""
+    body = {"prompt": "hello", "max_tokens": 60, "ignore_eos": True}
+    assert httpx.post(tiny.base_url + "/v1/completions", timeout=60, json=body).status_code == 200
+    resp = httpx.post(tiny.base_url + "/v1/completions", timeout=30, json={**body, "n": 4})
+    assert resp.status_code == 400
+    assert "n = 4 choices" in resp.json()["error"]["message"]
+    assert "can never fit in the KV cache" in resp.json()["error"]["message"]
+    resp = httpx.post(tiny.base_url + "/v1/completions", timeout=30, json={**body, "max_tokens": 2, "n": 7})
+    assert resp.status_code == 400 and "--max-num-seqs" in resp.json()["error"]["message"]
+    tiny.wait_idle()
+
+
 def _wait_for(predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,7 +4,9 @@ A tiny vocabulary, small blocks and few of them make prefixes collide, blocks ge
 shared and cached blocks get evicted on almost every step. The simulation plays
 scheduler and worker: it admits (with prefix-cache hits), runs chunked prefills
 and decodes, forks, finishes, aborts and preempts requests, and "computes" each
-scheduled token by writing it into a shadow copy of the block it lands in.
+scheduled token by writing it into a shadow copy of the block it lands in. A fork
+is followed, at times, by the parent handing its table to another request
+(``transfer``, as the last choice of parallel sampling takes it).
 
 Checked after every operation:
   * check_invariants holds, and free + used = total;
@@ -36,6 +38,7 @@ class Counts:
     refused: int = 0
     preemptions: int = 0
     forks_with_copy: int = 0
+    transfers: int = 0
     shared_blocks_seen: int = 0
 
 
@@ -142,6 +145,21 @@ class Simulation:
         assert child.num_computed_tokens == parent.num_computed_tokens
         self.tables[child.request_id] = child_table
         self.running[child.request_id] = child
+        if self.rng.random() < 0.5:
+            self.transfer(parent)
+
+    def transfer(self, source: Request) -> None:
+        """``source`` hands its table to a new request with the same tokens and ends."""
+        target = Request(f"r{self.next_id}", list(source.prompt_token_ids), source.sampling,
+                         cache_salt=source.cache_salt, token_ids=list(source.token_ids))
+        self.next_id += 1
+        self.manager.transfer(source, target)
+        assert self.manager.get_block_ids(source.request_id) == []
+        assert target.num_computed_tokens == source.num_computed_tokens
+        self.tables[target.request_id] = self.tables.pop(source.request_id)
+        del self.running[source.request_id]
+        self.running[target.request_id] = target
+        self.counts.transfers += 1
 
     def finish(self, abort_waiting: bool = False) -> None:
         if abort_waiting and self.waiting:
@@ -279,6 +297,7 @@ def test_random_operations_keep_every_invariant(
     counts = Simulation(seed, block_size, num_blocks, vocab, caching).run(num_ops)
     # The run must have exercised what it checks.
     assert counts.refused > 100 and counts.preemptions > 100 and counts.forks_with_copy > 100
+    assert counts.transfers > 100
     assert counts.shared_blocks_seen > 1_000
     if caching:
         assert counts.hits > 1_000 and counts.evictions > 1_000

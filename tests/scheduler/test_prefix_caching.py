@@ -158,13 +158,19 @@ def test_the_whole_prompt_is_never_matched() -> None:
     assert manager.get_computed_blocks(make_request("d", [0])) == ([], 0)
 
 
-def test_counters_count_queried_and_hit_tokens() -> None:
+def test_counters_count_tokens_and_hits_once_per_admission() -> None:
     manager = KVCacheManager(num_blocks=10, block_size=BLOCK_SIZE)
     admit(manager, make_request("a", list(range(10))))
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (10, 0)
-    manager.get_computed_blocks(make_request("b", list(range(9))))
+    second = make_request("b", list(range(9)))
+    for _ in range(3):  # a head-of-line request looked up again every step until it fits
+        assert manager.get_computed_blocks(second) == ([0, 1], 8)
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (10, 0)
+    admit(manager, second)
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (19, 8)
-    manager.get_computed_blocks(make_request("c", [7, *range(9)]))
+    admit(manager, make_request("c", [7, *range(9)]))
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (29, 8)
+    decode(manager, second, 5)  # later allocations of a request count nothing
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (29, 8)
 
 
@@ -427,6 +433,40 @@ def test_fork_rejects_a_child_that_does_not_continue_the_parent() -> None:
         manager.fork(parent, make_request("c2", list(range(6)), "tenant-b"))
     with pytest.raises(ValueError):
         manager.fork(make_request("x", [1]), make_request("c3", [1]))
+
+
+def test_transfer_hands_the_table_over_without_copies() -> None:
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    parent = make_request("p", list(range(10)))
+    admit(manager, parent)
+    first = make_request("c0", list(range(10)))
+    last = make_request("c1", list(range(10)))
+    assert manager.fork(parent, first) == [(2, 3)]
+    manager.transfer(parent, last)
+    assert manager.get_block_ids("p") == []
+    assert manager.get_block_ids("c1") == [0, 1, 2]
+    assert last.num_computed_tokens == 10 and last.block_hashes == parent.block_hashes[:2]
+    assert ref_counts(manager)[:4] == [2, 2, 1, 1]
+    manager.check_invariants()
+    assert decode(manager, last, 5) == []  # token 11 still fits block 2
+    assert decode(manager, last, 6) == []
+    assert manager.pool.blocks[2].block_hash == expected_chain([*range(10), 5, 6])[2]
+    manager.free(first)
+    manager.free(last)
+    assert ref_counts(manager) == [0] * 8
+    manager.check_invariants()
+
+
+def test_transfer_rejects_a_target_that_does_not_continue_the_source() -> None:
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    source = make_request("s", list(range(6)))
+    admit(manager, source)
+    with pytest.raises(ValueError):
+        manager.transfer(source, make_request("t", [9, *range(1, 6)]))
+    assert manager.get_block_ids("s") == [0, 1]  # unchanged
+    with pytest.raises(ValueError):
+        manager.transfer(make_request("x", [1]), make_request("y", [1]))
+    manager.check_invariants()
 
 
 # -- prefix caching off ------------------------------------------------------

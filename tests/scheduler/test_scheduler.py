@@ -1,12 +1,14 @@
 """The scheduler with the real KV cache manager and a fake worker, no torch.
 
 ``TokenCacheWorker`` behaves like the model runner where it matters: it keeps
-per-request state from plans (new requests once, then diffs), writes each
-computed token into a fake KV cache through the block table, and "samples" the
-next token as a function of the whole context read back from the cache. A
-wrong block table, a shared block overwritten, or a bad prefix-cache hit
-therefore changes the outputs, which the tests compare against a run with a
-large cache.
+per-request state from plans (new requests once, then diffs), applies the
+plan's block copies, writes each computed token into a fake KV cache through
+the block table, and "samples" the next token as a function of the whole
+context read back from the cache and of the request's seed. A wrong block
+table, a shared block overwritten (a missing copy on write: choices of one
+prompt differ by their seeds), or a bad prefix-cache hit therefore changes the
+outputs, which the tests compare against a run with a large cache or against
+separate requests.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TokenCacheWorker:
         self.cache: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.tokens: dict[str, list[int]] = {}
         self.tables: dict[str, list[int]] = {}
+        self.seeds: dict[str, int] = {}
 
     def execute(self, plan: BatchPlan) -> StepResult:
         for rid in plan.finished_request_ids:
@@ -39,6 +42,7 @@ class TokenCacheWorker:
         for new in plan.new_requests:
             self.tokens[new.request_id] = list(new.token_ids)
             self.tables[new.request_id] = list(new.block_ids)
+            self.seeds[new.request_id] = new.sampling.seed or 0
             start[new.request_id] = new.num_computed_tokens
         for cached in plan.cached_requests:
             self.tables[cached.request_id].extend(cached.new_block_ids)
@@ -55,7 +59,8 @@ class TokenCacheWorker:
             if end == len(tokens):
                 context = [self.cache[table[p // bs]][p % bs] for p in range(end)]
                 assert None not in context, f"{rid} reads an unwritten slot"
-                token = (sum((i + 1) * (t or 0) for i, t in enumerate(context)) * 31 + end) % VOCAB
+                token = (sum((i + 1) * (t or 0) for i, t in enumerate(context)) * 31 + end
+                         + 7 * self.seeds[rid]) % VOCAB
                 tokens.append(token)
                 ids.append(rid)
                 sampled.append([token])
@@ -71,9 +76,9 @@ def make(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: 
 
 
 def request(rid: str, prompt: list[int], max_tokens: int, priority: int = 0, arrival: float = 0.0,
-            stop: list[int] | None = None) -> Request:
-    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop or []),
-                   arrival_time=arrival, priority=priority)
+            stop: list[int] | None = None, n: int = 1, seed: int | None = None) -> Request:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop or [], seed=seed)
+    return Request(rid, prompt, sampling, arrival_time=arrival, priority=priority, n=n)
 
 
 def run(sched: Scheduler, worker: TokenCacheWorker, max_steps: int = 10_000) -> dict[str, list[int]]:
@@ -334,4 +339,22 @@ def test_queue_timeout_fails_requests_that_never_started() -> None:
     assert expired[0].error is not None and expired[0].error.type == "queue_timeout"
     assert "11.0 s" in expired[0].error.message
     sched.abort_requests(["started"])
+    assert_scheduler_empty(sched)
+
+
+def test_a_head_of_line_request_retried_every_step_is_one_prefix_cache_query() -> None:
+    sched, worker = make(num_blocks=6, block_size=4, budget=64)
+    sched.add_request(request("first", list(range(12)), 8))  # 5 blocks by its end
+    plan = sched.schedule()
+    assert plan is not None
+    sched.update_from_output(plan, worker.execute(plan))
+    sched.add_request(request("second", list(range(20, 30)), 2))  # 3 blocks: waits for "first"
+    for _ in range(4):
+        plan = sched.schedule()
+        assert plan is not None and "second" not in plan.num_scheduled_tokens
+        sched.update_from_output(plan, worker.execute(plan))
+    assert sched.kv_cache.prefix_cache_queries == 12
+    outputs = run(sched, worker)
+    assert len(outputs["second"]) == 2
+    assert sched.kv_cache.prefix_cache_queries == 12 + 10
     assert_scheduler_empty(sched)

@@ -46,3 +46,26 @@ def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture)
         ctx.term()
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) >= 3, dropped
+
+
+def test_the_trace_of_a_request_with_choices_ends_with_its_last_choice() -> None:
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+
+    from scheduler.request import Request
+
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}")
+    server = SchedulerServer(config)
+    try:
+        span = TracerProvider().get_tracer("test").start_span("scheduler.request")
+        assert isinstance(span, ReadableSpan)
+        server._traced["p"] = (span, Request("p", [1, 2], m.SamplingParams(max_tokens=3), n=3))
+        server._open_choices["p"] = 3
+        for choice in ("p#0", "p#2"):
+            server._end_trace(choice, "length", None)
+            assert span.end_time is None
+        server._end_trace("p#1", "stop", None)
+        assert span.end_time is not None
+        assert "p" not in server._traced and "p" not in server._open_choices
+    finally:
+        server.close()
