@@ -7,6 +7,8 @@ of N rank processes (gloo on the CPU).
   prompts are sent at once, so they share batches. Float summation order
   differs between group sizes, so exact token equality is the rule and a
   difference is accepted only at a near-tie (``tests.e2e.reference``);
+* ranks started one by one with ``--ranks`` and a rendezvous address, as on
+  several hosts, form one group behind a standalone scheduler and gateway;
 * a rank killed with SIGKILL mid-generation: the stream ends with an error
   within seconds, health turns unhealthy, no process of the old group is left,
   and ``serve`` starts the group again.
@@ -14,9 +16,12 @@ of N rank processes (gloo on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -169,3 +174,43 @@ def test_rank_killed_mid_generation_fails_fast_and_the_group_comes_back(tp2: Ser
     new_ranks = _rank_pids(tp2)
     assert sorted(new_ranks) == [0, 1] and not set(new_ranks.values()) & old
     assert len(_greedy(tp2.base_url, "Hi", max_tokens=4).token_ids) == 4
+
+
+def test_ranks_started_one_by_one_as_on_several_hosts(tiny_model: Path, tmp_path: Path) -> None:
+    """Scheduler, gateway and each rank as separate commands, the ranks meeting at one
+    rendezvous address (``--ranks`` and ``--dist-init-address``), as on two hosts."""
+    from tests.stack import free_port
+
+    gateway_address = f"tcp://127.0.0.1:{free_port()}"
+    worker_address = f"tcp://127.0.0.1:{free_port()}"
+    rendezvous = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    commands = {
+        "scheduler": ["scheduler", "--tp", "2", "--gateway-address", gateway_address,
+                      "--worker-address", worker_address],
+        **{f"rank{r}": ["worker", "--tp", "2", "--ranks", str(r), "--dist-init-address", rendezvous,
+                        "--scheduler-address", worker_address, "--model", str(tiny_model), "--kv-cache-gb", "0.05"]
+           for r in (0, 1)},
+        "gateway": ["gateway", "--scheduler-address", gateway_address, "--model", str(tiny_model),
+                    "--port", str(port), "--response-cache", "false"],
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=(tmp_path / name).open("wb"),
+                                    stderr=subprocess.STDOUT)
+             for name, argv in commands.items()}
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the group did not become ready: " + (tmp_path / "rank1").read_text()[-2000:])
+        assert len(_greedy(base, "Hi", max_tokens=6).token_ids) == 6
+        assert "worker group ready: 2 rank(s)" in (tmp_path / "scheduler").read_text()
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(30) for name, proc in procs.items()}
+    assert codes == dict.fromkeys(procs, 0), {name: (tmp_path / name).read_text()[-1500:] for name in procs}

@@ -1,9 +1,8 @@
 """Where the kernel tests run.
 
 With CUDA they run compiled on the GPU. Without it they run under the Triton CPU
-interpreter, which is chosen when a kernel is *defined*: ``TRITON_INTERPRET`` is
-therefore set here, at import time, before any test module imports ``kernels.*``.
-Tests marked ``gpu`` (large shapes, 16-bit dtypes) skip without CUDA.
+interpreter, which ``tests/conftest.py`` chooses before any test module imports
+Triton. Tests marked ``gpu`` (large shapes, 16-bit dtypes) skip without CUDA.
 
 Helpers reach the tests as fixtures rather than imports, so the tests do not
 depend on how pytest names this directory's modules.
@@ -11,7 +10,6 @@ depend on how pytest names this directory's modules.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,6 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 _HERE = Path(__file__).parent

@@ -33,6 +33,7 @@ from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port
 from worker.attention.base import AttentionMetadata
 from worker.device import DeviceInfo
+from worker.group import parse_ranks
 from worker.loader import load_model
 from worker.local_engine import LocalEngine
 from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
@@ -72,6 +73,15 @@ def test_shard_arithmetic():
         TensorParallel(0, 2).kv_heads(3, 9)
     with pytest.raises(ValueError, match="neither a divisor nor a multiple of num_kv_heads"):
         TensorParallel(0, 4).kv_heads(3, 12)
+
+
+def test_parse_ranks():
+    assert parse_ranks(None, 4) == [0, 1, 2, 3]
+    assert parse_ranks("2-3", 4) == [2, 3]
+    assert parse_ranks("4,5, 7", 8) == [4, 5, 7]
+    for bad in ("1-4", "0,0", "x", "-1"):
+        with pytest.raises(ValueError, match="--ranks"):
+            parse_ranks(bad, 4)
 
 
 def _hf_model(name: str) -> Any:
