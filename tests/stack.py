@@ -43,6 +43,26 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_mid_stream(base_url: str, pid: int, max_tokens: int) -> tuple[list[str], float]:
+    """Stream a long completion, SIGKILL ``pid`` after its third chunk; return the stream's
+    data lines and the seconds from the kill to the end of the stream."""
+    import httpx
+
+    lines: list[str] = []
+    killed_at = 0.0
+    with httpx.stream("POST", base_url + "/v1/completions", timeout=60,
+                      json={"prompt": "Tell me a story.", "max_tokens": max_tokens, "ignore_eos": True,
+                            "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            lines.append(line[6:])
+            if len(lines) == 3:
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+    return lines, time.monotonic() - killed_at
+
+
 def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -150,6 +150,15 @@ def init_tensor_parallel(rank: int, size: int, init_address: str, device: torch.
     return tp
 
 
+def destroy_tensor_parallel(tp: TensorParallel) -> None:
+    """Leave the group before the process exits. A gloo group must be destroyed: its
+    threads otherwise abort the exiting process ("terminate called without an active
+    exception"). An NCCL group is left to the end of the process: destroying one whose
+    collectives live in CUDA graphs hung on an H200 host."""
+    if tp.size > 1 and dist.is_initialized() and dist.get_backend(tp.group) == "gloo":
+        dist.destroy_process_group()
+
+
 class RowParallelLinear(nn.Linear):
     """``nn.Linear`` over this rank's slice of the input features; the partial products
     are summed over the ranks, then the (replicated) bias is added once."""

@@ -31,7 +31,7 @@ from shared.process import install_stop_handler, parent_watchdog
 from shared.tracing import context_from_traceparent, record_span, setup_tracing, shutdown_tracing, tracing_enabled
 from worker.device import DeviceInfo
 from worker.model_runner import ModelRunner
-from worker.parallel import init_tensor_parallel
+from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ class WorkerServer:
         # A failure report must reach the scheduler before the process exits.
         self._sock.close(linger=1000)
         self._ctx.term()
-        # The process group is not destroyed: it ends with the process, and destroying
-        # an NCCL group whose collectives live in CUDA graphs hung on an H200 host.
+        destroy_tensor_parallel(self.tp)
 
 
 def serve_worker(config: WorkerConfig, rank: int = 0) -> None:

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.stack import ServeStack, free_port, pid_alive
+from tests.stack import ServeStack, free_port, kill_mid_stream, pid_alive
 
 
 def test_worker_killed_mid_stream_fails_requests_and_is_started_again(tmp_path: Path) -> None:
@@ -22,19 +22,7 @@ def test_worker_killed_mid_stream_fails_requests_and_is_started_again(tmp_path: 
     try:
         stack.wait_ready()
         worker = stack.child_pid("worker")
-        lines: list[str] = []
-        killed_at = 0.0
-        with httpx.stream("POST", stack.base_url + "/v1/completions", timeout=60,
-                          json={"prompt": "Tell me a story.", "max_tokens": 4000, "ignore_eos": True,
-                                "stream": True}) as resp:
-            for line in resp.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                lines.append(line[6:])
-                if len(lines) == 3:
-                    os.kill(worker, signal.SIGKILL)
-                    killed_at = time.monotonic()
-        ended_after = time.monotonic() - killed_at
+        lines, ended_after = kill_mid_stream(stack.base_url, worker, max_tokens=4000)
         assert lines[-1] == "[DONE]"
         error = json.loads(lines[-2])["error"]
         assert "the worker group is down" in error["message"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,8 @@ import torch
 
 from gateway.tokenizer import load_tokenizer
 from tests.e2e.reference import Greedy, assert_greedy_close
-from tests.stack import ServeStack, descendants, pid_alive
+from tests.stack import ServeStack, descendants, kill_mid_stream, pid_alive
+from tests.worker.test_loaders import widen_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,13 +62,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, default_model_path: Pat
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)  # wider than HF's init, so the logits are not all ~0
+    model = widen_weights(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
@@ -147,19 +141,7 @@ def test_rank_killed_mid_generation_fails_fast_and_the_group_comes_back(tp2: Ser
     old = set(tp2.child_pids)
     ranks = _rank_pids(tp2)
     assert sorted(ranks) == [0, 1]
-    lines: list[str] = []
-    killed_at = 0.0
-    with httpx.stream("POST", tp2.base_url + "/v1/completions", timeout=60,
-                      json={"prompt": "Tell me a story.", "max_tokens": 1500, "ignore_eos": True,
-                            "stream": True}) as resp:
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            lines.append(line[6:])
-            if len(lines) == 3:
-                os.kill(ranks[1], signal.SIGKILL)
-                killed_at = time.monotonic()
-    ended_after = time.monotonic() - killed_at
+    lines, ended_after = kill_mid_stream(tp2.base_url, ranks[1], max_tokens=1500)
     assert lines[-1] == "[DONE]"
     error = json.loads(lines[-2])["error"]
     assert "worker group is down" in error["message"], error

@@ -54,7 +54,7 @@ TOKENS = [int(t) for t in np.random.default_rng(0).integers(0, TINY["vocab_size"
 
 
 def tiny_hf_model(kind: str, seed: int = 0):
-    """A tiny random HF model; weights are drawn wider than HF's init so logits are not ~0."""
+    """A tiny random HF model with ``widen_weights``."""
     if kind == "llama3":
         config = transformers.LlamaConfig(**TINY, rope_parameters=LLAMA3_ROPE)
     elif kind == "llama3_meta":
@@ -70,13 +70,18 @@ def tiny_hf_model(kind: str, seed: int = 0):
     else:
         raise AssertionError(kind)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
+    return widen_weights(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+@torch.no_grad()
+def widen_weights(model: Any) -> Any:
+    """Redraw a random HF model's weights wider than HF's init (norms near 1, the rest
+    N(0, 0.15)), so that its logits are not all ~0; in eval mode."""
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.copy_(1 + 0.1 * torch.randn_like(param))
+        else:
+            param.normal_(0.0, 0.15)
     return model.eval()
 
 

@@ -31,13 +31,14 @@ from shared.config import SchedulerConfig, WorkerConfig
 from shared.messages import SamplingParams
 from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port
+from tests.worker.test_loaders import widen_weights, write_gguf
 from worker.attention.base import AttentionMetadata
 from worker.device import DeviceInfo
 from worker.group import parse_ranks
 from worker.loader import load_model
 from worker.local_engine import LocalEngine
 from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
-from worker.parallel import Shard, TensorParallel, init_tensor_parallel
+from worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -87,14 +88,7 @@ def test_parse_ranks():
 def _hf_model(name: str) -> Any:
     config = transformers.LlamaConfig(**MODELS[name])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if "norm" in pname:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
-    return model.eval()
+    return widen_weights(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
 
 
 @torch.inference_mode()
@@ -164,12 +158,11 @@ def _run_rank(rank: int, size: int, address: str, workdir: str, device_type: str
     results["generate"] = _generate(work / "kv2_bias_tied", tp, device)
     if rank == 0:
         torch.save(results, work / f"tp{size}-{device_type}.pt")
+    destroy_tensor_parallel(tp)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.worker.test_loaders import write_gguf
-
     work = tmp_path_factory.mktemp("tp")
     for name in MODELS:
         ref = _hf_model(name)
