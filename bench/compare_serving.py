@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import shlex
-import socket
 import sys
 import time
 import urllib.error
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.gateway_cost import free_port
 from bench.scheduler_cost import ProcessGroup, run_metadata
 from bench.serving import BenchConfig, BenchResult, run_benchmark
 from bench.workloads import BenchRequest, Workload, build_workload
@@ -78,12 +78,6 @@ COMPARISONS = {
         headline=["output_tok_s", "request_s", "ttft_p50_ms", "ttft_p95_ms"],
     ),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(group: ProcessGroup, base_url: str, timeout_s: float = _READY_TIMEOUT_S) -> None:

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from bench.ablation import ShapeCosts
+from bench.gateway_cost import free_port
 from bench.gpu_engine import (
     MAX_MODEL_LEN,
     WARMUP_MAX_SEQS,
@@ -53,7 +54,6 @@ from bench.gpu_engine import (
 )
 from bench.workloads import rag_workload
 from shared.config import SchedulerConfig, WorkerConfig
-from worker.loader.dummy import dummy_config
 from worker.local_engine import LocalEngine
 from worker.parallel import TensorParallel, init_tensor_parallel
 
@@ -65,20 +65,6 @@ _started = time.monotonic()
 
 def progress(message: str) -> None:
     print(f"[{time.monotonic() - _started:6.1f} s] {message}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def weight_bytes(shape: str) -> int:
-    c = dummy_config(shape)
-    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
-    per_layer += 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return 2 * (c.num_layers * per_layer + embeddings + c.hidden_size)  # bf16
 
 
 def _timed_ms(fn: Any, repeats: int) -> float:
@@ -224,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     rank_out = args.out.with_suffix(".rank0.json")
     for shape in args.shapes:
         for size in args.tp:
-            per_rank = weight_bytes(shape) / size
+            costs = ShapeCosts.of(shape, torch.bfloat16)
+            per_rank = costs.params * costs.bytes_per_param / size
             if size > gpus or per_rank > FIT_FRACTION * card_bytes:
                 why = (f"{shape} TP={size}: {per_rank / 2**30:.0f} GiB of weights per rank on "
                        f"{card_bytes / 2**30:.0f} GiB cards, {gpus} GPUs")
@@ -233,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             progress(f"{shape} TP={size}: starting {size} rank(s)")
             mp.start_processes(_rank_main, nprocs=size, start_method="spawn",
-                               args=(size, f"127.0.0.1:{_free_port()}", shape, args.num_requests,
+                               args=(size, f"127.0.0.1:{free_port()}", shape, args.num_requests,
                                      args.max_output_len, copy_bw, str(rank_out)))
             rows.append(json.loads(rank_out.read_text()))
             _efficiency(rows)
