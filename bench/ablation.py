@@ -7,8 +7,8 @@ with dummy weights (bf16).
 
 Every row runs in this one script on one GPU, one after another, on the same requests (the
 first ``--num-requests`` of the ``rag`` workload, token-id prompts, outputs forced to their
-planned length and capped at ``--max-output-len``), and the same batch size
-(``--max-num-seqs``: requests per static batch, most running sequences otherwise):
+planned length and capped at ``--max-output-len``), and the batch size of ``--max-num-seqs``
+(requests per static batch, most running sequences otherwise; per row if asked):
 
 | row                    | what runs                                                                        |
 |------------------------|----------------------------------------------------------------------------------|
@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
@@ -128,7 +129,9 @@ class Settings:
     rows: tuple[str, ...]
     num_requests: dict[str, int]  # per row
     max_output_len: dict[str, int]  # per row
-    max_num_seqs: int
+    max_num_seqs: dict[str, int]  # per row
+    cuda_graph_max_tokens: int | None  # loomserve's; None: its default
+    max_num_batched_tokens: int
     gpu_hour_usd: float
     time_budget_s: float
     min_row_s: float
@@ -175,8 +178,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
                         help="rag requests of every row (N) or of one row (ROW=N); default 128 (smoke: 8)")
     parser.add_argument("--max-output-len", nargs="+", default=[], metavar="N|ROW=N",
                         help="cap on the rag output lengths, for every row or one; default 512 (smoke: 24)")
-    parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="static batch size and most running sequences, every row (default 32; smoke: 4)")
+    parser.add_argument("--max-num-seqs", nargs="+", default=[], metavar="N|ROW=N",
+                        help="static batch size and most running sequences, for every row or one "
+                             "(default 32; smoke: 4)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens,
+                        help="token budget of one step: loomserve's, and transformers' continuous batching's "
+                             "(default: %(default)s)")
+    parser.add_argument("--cuda-graph-max-tokens", type=int, default=None,
+                        help="loomserve's --cuda-graph-max-tokens (default: loomserve's default)")
     parser.add_argument("--gpu-hour-usd", type=float, default=2.50,
                         help="price of one GPU-hour for the cost column (default: %(default)s, an H100 on demand)")
     parser.add_argument("--time-budget-s", type=float, default=None,
@@ -197,7 +206,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             rows=tuple(args.rows or ROWS),
             num_requests=parse_per_row(args.num_requests, 8 if smoke else 128, "--num-requests"),
             max_output_len=parse_per_row(args.max_output_len, 24 if smoke else 512, "--max-output-len"),
-            max_num_seqs=args.max_num_seqs or (4 if smoke else 32),
+            max_num_seqs=parse_per_row(args.max_num_seqs, 4 if smoke else 32, "--max-num-seqs"),
+            cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+            max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_hour_usd=args.gpu_hour_usd,
             time_budget_s=args.time_budget_s or (170.0 if smoke else 500.0),
             min_row_s=args.min_row_s if args.min_row_s is not None else (3.0 if smoke else 40.0),
@@ -411,10 +422,15 @@ class RowRun:
 @dataclass(frozen=True)
 class RowContext:
     shape: str
+    row: str
     costs: ShapeCosts
     requests: list[tuple[list[int], int]]  # (prompt token ids, output length)
     settings: Settings
     deadline: float  # time.perf_counter() by which the timed run should end
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.settings.max_num_seqs[self.row]
 
 
 def batch1_prompt(vocab_size: int) -> list[int]:
@@ -492,11 +508,11 @@ def run_hf_static(ctx: RowContext) -> RowRun:
     prompts = [p for p, _ in ctx.requests]
     lens = [n for _, n in ctx.requests]
     with GpuSampler() as gpu:
-        outcomes, duration = hf_static_run(model, prompts, lens, ctx.settings.max_num_seqs, 0,
+        outcomes, duration = hf_static_run(model, prompts, lens, ctx.max_num_seqs, 0,
                                            device=device, deadline=ctx.deadline)
     run.outcomes, run.duration_s, run.gpu = outcomes, duration, gpu.summary()
     run.truncated = len(outcomes) < len(prompts)
-    run.details["batch_size"] = ctx.settings.max_num_seqs
+    run.details["batch_size"] = ctx.max_num_seqs
     return run
 
 
@@ -509,13 +525,13 @@ def _continuous_batching_config(ctx: RowContext) -> Any:
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
         except ImportError:
             return None
-    # The batch size and the token budget of a step are loomserve's (--max-num-seqs, and
-    # max_num_batched_tokens); transformers sizes its KV cache from the free GPU memory. SDPA as in
+    # The batch size and the token budget of a step are loomserve's (--max-num-seqs and
+    # --max-num-batched-tokens); transformers sizes its KV cache from the free GPU memory. SDPA as in
     # the static row, not a flash kernel fetched from the Hub (5.2x); with SDPA, transformers
     # leaves CUDA graphs off by default (an attention mask is needed).
     wanted: dict[str, Any] = {
-        "max_requests_per_batch": ctx.settings.max_num_seqs,
-        "max_batch_tokens": SchedulerConfig().max_num_batched_tokens,
+        "max_requests_per_batch": ctx.max_num_seqs,
+        "max_batch_tokens": ctx.settings.max_num_batched_tokens,
         "auto_switch_to_flash": False,
     }
     if ctx.settings.device == "cpu":
@@ -617,11 +633,14 @@ def run_hf_continuous(ctx: RowContext) -> RowRun:
 def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
     s = ctx.settings
     argv = ["shared.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
-            "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(s.max_num_seqs),
+            "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(ctx.max_num_seqs),
             "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
+            "--max-num-batched-tokens", str(s.max_num_batched_tokens),
             "--tp", str(s.tp)]
     if s.device == "cpu":
         argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
+    if s.cuda_graph_max_tokens is not None:
+        argv += ["--cuda-graph-max-tokens", str(s.cuda_graph_max_tokens)]
     return argv
 
 
@@ -697,6 +716,8 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     begin = time.perf_counter()
     worker_config = WorkerConfig(model=ctx.shape, load_format="dummy", device=s.device, max_model_len=s.max_model_len,
                                  kv_cache_gb=s.kv_cache_gb, seed=s.seed)
+    if s.cuda_graph_max_tokens is not None:
+        worker_config = dataclasses.replace(worker_config, cuda_graph_max_tokens=s.cuda_graph_max_tokens)
     engine = LocalEngine(SchedulerConfig(), worker_config, ctx.shape)
     run.details["startup_s"] = time.perf_counter() - begin
     run.details["num_kv_blocks"] = engine.runner.num_blocks
@@ -709,7 +730,8 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     batch1 = gpu_engine.batch1_decode(engine, True, copy_bw)
     run.batch1_median_step_ms = batch1["median_step_ms"]
     run.details["batch1_decode"] = batch1
-    config = SchedulerConfig(max_num_seqs=s.max_num_seqs, batching="continuous")
+    config = SchedulerConfig(max_num_seqs=ctx.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
+                             batching="continuous")
     with GpuSampler() as gpu:
         stats = gpu_engine.run_workload(engine, ctx.requests, config, True)
     run.gpu = gpu.summary()
@@ -724,7 +746,7 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
 def row_figures(ctx: RowContext, run: RowRun, copy_bw: float, peak_flops: float) -> dict[str, Any]:
     """The table's columns (and the raw material behind them) from what a row measured."""
     s = ctx.settings
-    figures: dict[str, Any] = {"num_requests": len(ctx.requests), "max_num_seqs": s.max_num_seqs}
+    figures: dict[str, Any] = {"num_requests": len(ctx.requests), "max_num_seqs": ctx.max_num_seqs}
     if run.outcomes is not None:
         metrics = compute_metrics(run.outcomes, max(run.duration_s, 1e-9))
         done = [o for o in run.outcomes if o.success]
@@ -859,7 +881,7 @@ def format_markdown(result: dict[str, Any]) -> str:
              f"copy {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s (read + written); "
              f"${result['settings']['gpu_hour_usd']:.2f}/GPU-hour; {result['date']}"]
     for shape in result["shapes"]:
-        lines += ["", f"### {shape['shape']} (rag, max_num_seqs {result['settings']['max_num_seqs']})", "",
+        lines += ["", f"### {shape['shape']} (rag)", "",
                   "| row | requests | output tok/s | TTFT p50 / p95 (ms) | GPU util | $ / 1M out tok | "
                   "% compute roofline | batch-1 tok/s (% BW roofline) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -876,7 +898,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             b1 = r.get("batch1_tokens_per_s")
             b1_frac = r.get("batch1_roofline_fraction")
             lines.append(
-                f"| {title} | {r['completed']}/{r['num_requests']}, out ≤ {cap}{status} | "
+                f"| {title} | {r['completed']}/{r['num_requests']}, out ≤ {cap}, {r['max_num_seqs']} seqs{status} | "
                 f"{_num(r['output_tokens_per_s'], ',.0f')} | "
                 f"{_num(r['ttft_p50_ms'], ',.0f')} / {_num(r['ttft_p95_ms'], ',.0f')} | "
                 f"{util}{'%' if util != 'n/a' else ''} | {_num(r['cost_per_1m_output_tokens_usd'], '.2f')} | "
@@ -951,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             progress(f"{shape} {row}: {len(requests)} requests, outputs capped at {settings.max_output_len[row]}, "
                      f"{deadline - time.perf_counter():.0f} s for it")
-            ctx = RowContext(shape, costs, requests, settings, deadline)
+            ctx = RowContext(shape, row, costs, requests, settings, deadline)
             try:
                 figures = run_row(row, ctx, copy_bw, peak)
             except RowSkipped as exc:

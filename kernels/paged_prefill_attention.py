@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -104,6 +105,8 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
     stride_cache_slot,
     stride_cache_head,
     stride_block_table,
+    work_ptr,
+    stride_work,
     head_dim,
     BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr makes // and % cheap
     GROUP: tl.constexpr,  # query heads per kv head
@@ -111,9 +114,18 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_WORK: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    seq = tl.program_id(1)
+    if USE_WORK:
+        # Program i computes query block work[1, i] of sequence work[0, i]; -1: nothing.
+        item = tl.program_id(0)
+        seq = tl.load(work_ptr + item)
+        if seq < 0:
+            return
+        m_block = tl.load(work_ptr + stride_work + item)
+    else:
+        m_block = tl.program_id(0)
+        seq = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUP
 
@@ -198,12 +210,20 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,  # (T, H, D)
+    work: torch.Tensor | None = None,  # (2, G) int32
 ) -> torch.Tensor:  # (T, H, D)
     """Causal attention of every new token over its sequence's paged context.
 
     ``max_query_len`` (a host int, no sync) must be at least every sequence's
     query length. Rows of ``out`` outside ``query_start_loc[0]:query_start_loc[-1]``
     are left untouched.
+
+    Without ``work`` the launch covers every (query block, sequence) pair of the
+    batch. With it, program ``i`` computes query block ``work[1, i]`` of sequence
+    ``work[0, i]`` (-1: nothing), blocks of :func:`prefill_block_m` rows as
+    :func:`fill_work_list` lays them out: the launch's size then depends on ``G``
+    alone, which a CUDA graph of mixed steps needs, and sequences left out of the
+    list (a mixed batch's decodes) are not touched.
     """
     check_shape("q", q, (None, None, None))
     num_tokens, num_heads, head_dim = q.shape
@@ -231,6 +251,10 @@ def paged_prefill_attention(
         check_last_dim_contiguous(name, tensor)
     if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous in its last dimension")
+    if work is not None:
+        check_shape("work", work, (2, None))
+        check_dtype("work", work, (torch.int32,))
+        check_last_dim_contiguous("work", work)
     check_devices(
         _paged_prefill_kernel,
         q=q,
@@ -239,6 +263,7 @@ def paged_prefill_attention(
         seq_lens=seq_lens,
         block_tables=block_tables,
         out=out,
+        **({} if work is None else {"work": work}),
     )
     if max_query_len < 0:
         raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
@@ -250,7 +275,15 @@ def paged_prefill_attention(
         head_dim, max_query_len, q.dtype, interpreted
     )
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    if work is None:
+        grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+        # Never read when USE_WORK is off.
+        work_arg, stride_work = query_start_loc, 0
+    else:
+        if work.shape[1] == 0:
+            return out
+        grid = (work.shape[1], 1, num_heads)
+        work_arg, stride_work = work, work.stride(0)
     _paged_prefill_kernel[grid](
         q,
         k_cache,
@@ -268,6 +301,8 @@ def paged_prefill_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        work_arg,
+        stride_work,
         head_dim,
         BLOCK_SIZE=kv_cache.shape[2],
         GROUP=num_heads // num_kv_heads,
@@ -277,10 +312,44 @@ def paged_prefill_attention(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         # fp32 inputs would otherwise go through TF32 on the GPU; 16-bit ones ignore it.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_WORK=work is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
     return out
+
+
+def prefill_block_m(head_dim: int, max_query_len: int, dtype: torch.dtype) -> int:
+    """Query rows per program of a launch with this ``max_query_len``: the block size
+    a work list for it must be built with."""
+    return _launch_config(head_dim, max_query_len, dtype, is_interpreted(_paged_prefill_kernel))[0]
+
+
+def work_list_size(num_tokens: int, num_seqs: int, block_m: int) -> int:
+    """Entries enough for any batch of at most ``num_tokens`` query rows over at most
+    ``num_seqs`` sequences: each sequence's last block may be partial."""
+    return -(-num_tokens // block_m) + min(num_seqs, num_tokens)
+
+
+def fill_work_list(
+    query_start_loc: np.ndarray,  # (B + 1,) int
+    first_seq: int,
+    block_m: int,
+    out: np.ndarray,  # (2, G) int32
+) -> int:
+    """Write the (sequence, query block) pairs of sequences ``first_seq..B-1`` into
+    ``out`` (host memory), -1 after them; return how many there are."""
+    q_lens = np.diff(query_start_loc[first_seq:])
+    blocks = -(-q_lens // block_m)  # (B - first_seq,)
+    count = int(blocks.sum())
+    if count > out.shape[1]:
+        raise ValueError(f"{count} query blocks do not fit a work list of {out.shape[1]}")
+    seqs = np.repeat(np.arange(first_seq, first_seq + len(q_lens)), blocks)
+    firsts = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    out[0, :count] = seqs
+    out[1, :count] = np.arange(count) - firsts
+    out[:, count:] = -1
+    return count
 
 
 def gather_context(

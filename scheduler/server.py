@@ -7,7 +7,8 @@
 
 One plan is in flight at a time. Gateway messages that arrive while a step
 runs are applied after its result, so the scheduler's state only changes
-between steps. The worker group is watched three ways: a socket monitor sees a
+between steps. A result is followed at once by the next plan; its outputs go to
+the gateways after that, while the workers compute. The worker group is watched three ways: a socket monitor sees a
 rank's connection drop (process death), a ``WorkerFailure`` reports an
 exception, and a step that outlives ``step_timeout_s`` counts as a hang. Any of
 them fails every in-flight request at once and marks the group down until all
@@ -368,10 +369,14 @@ class SchedulerServer:
             log.warning("dropped a result for step %d while waiting for step %d", result.step_id, plan.step_id)
             return
         self._in_flight = None
-        self._publish(self.scheduler.update_from_output(plan, result))
+        outputs = self.scheduler.update_from_output(plan, result)
         deferred, self._deferred = self._deferred, []
         for routing_id, msg in deferred:
             self._apply(routing_id, msg)
+        # The next plan goes out before the outputs, so that the worker group computes
+        # while this process encodes and sends them (and ends their traces).
+        self._launch_step()
+        self._publish(outputs)
 
     def _on_monitor_event(self) -> None:
         while True:

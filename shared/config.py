@@ -58,7 +58,9 @@ class WorkerConfig:
     max_model_len: int | None = _opt(None, "longest sequence (default: the model's context length)")
     num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
     seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
-    enforce_eager: bool = _opt(False, "never replay CUDA graphs for decode steps (debugging, memory)")
+    enforce_eager: bool = _opt(False, "never replay CUDA graphs (debugging, memory)")
+    cuda_graph_max_tokens: int = _opt(2048, "largest prefill or mixed step, in tokens, replayed from a CUDA "
+                                            "graph (0: only decode steps); larger steps run eagerly")
     tp: int = _opt(1, "tensor-parallel size: ranks in the worker group, one process per GPU")
     ranks: str | None = _opt(None, "ranks of the group this command starts (default: all); on several hosts, "
                                    "e.g. 0-3 on one and 4-7 on another")

@@ -29,8 +29,16 @@ A graph replays fixed kernels on fixed addresses, hence:
   the torch backend (which reads the slot mapping on the host) does not, and is
   only run here eagerly (``run_eager``), as the tests do on the CPU.
 
-Prefill and mixed batches, and decode batches above the largest bucket, run
-eagerly in the model runner.
+Prefill and mixed batches replay graphs of ``MixedGraphs``, one per padded
+token count, when they fit its largest bucket (``--cuda-graph-max-tokens``) and
+``MIXED_MAX_SEQS`` sequences. What varies from step to step there beyond the
+token rows (how many of the sequences are decodes, how many query blocks each
+prompt chunk has) goes to the attention backend as a ``StaticLayout`` of
+fixed-size device tensors: the decode kernel runs over a fixed number of
+leading rows (those past the step's decodes have context length 0) and the
+prefill kernel over a fixed-size work list of (sequence, query block) pairs.
+Padding token rows are token 0 at position 0 with slot -1 and belong to no
+sequence; their attention output is zero. Larger steps run eagerly.
 """
 
 from __future__ import annotations
@@ -44,13 +52,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from worker.attention.base import AttentionMetadata
+from worker.attention.base import AttentionMetadata, StaticLayout
 from worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
 # Powers of two up to 8, then every multiple of 8: at most 7 padding rows above 8.
 DECODE_BUCKETS: tuple[int, ...] = (1, 2, 4, *range(8, 257, 8))
+# Token counts of mixed steps: powers of two up to 256, then steps of 128 to 1024 and
+# of 256 beyond, so that padding stays under a third of a step above 256 tokens.
+MIXED_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, *range(384, 1025, 128), *range(1280, 8193, 256))
+# Most sequences in a mixed step replayed from a graph; the sequence-indexed buffers
+# are sized for it.
+MIXED_MAX_SEQS = 256
 
 PAD_TOKEN_ID = 0
 PAD_POSITION = 0
@@ -236,3 +250,230 @@ class DecodeGraphs:
         """The same padded computation without a graph: the graph's reference."""
         self._load(batch)
         return self._forward(batch.bucket)
+
+
+def mixed_buckets(max_tokens: int) -> tuple[int, ...]:
+    """``MIXED_BUCKETS`` up to ``max_tokens``, which is always one of them (none for 0)."""
+    if max_tokens < 0:
+        raise ValueError(f"the largest mixed step must be >= 0 tokens, got {max_tokens}")
+    if max_tokens == 0:
+        return ()
+    return (*(b for b in MIXED_BUCKETS if b < max_tokens), max_tokens)
+
+
+def _align4(n: int) -> int:
+    """``n`` rounded up to a multiple of 4 int32 elements: 16-byte aligned views."""
+    return -(-n // 4) * 4
+
+
+@dataclass
+class PaddedStep:
+    """One prefill or mixed batch padded to a bucket of ``MixedGraphs``, in host memory."""
+
+    token_data: torch.Tensor  # (3, bucket) int64: input ids, positions, slot mapping
+    index: torch.Tensor  # int32, laid out as MixedGraphs.index
+    block_tables: torch.Tensor  # (num_seqs, width) int32
+    num_tokens: int  # real rows; the rest are padding
+
+    @property
+    def bucket(self) -> int:
+        return int(self.token_data.shape[1])
+
+
+class MixedGraphs:
+    """Static inputs and one captured graph per token bucket, for any batch of at
+    most ``max_seqs`` sequences (see the module docstring).
+
+    The sequence-indexed inputs share one int32 device buffer, ``index``, filled
+    by one copy a step: query start offsets (``max_seqs + 1``), context lengths
+    (``max_seqs``), the context lengths of the leading decodes (``max_seqs``) and
+    the prefill work list (2 rows of the largest bucket's size), each at a 16-byte
+    boundary. Each bucket's graph uses a prefix of the decode lengths and of the
+    work list, sized by ``layout``.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        *,
+        max_seq_len: int,
+        block_size: int,
+        buckets: Sequence[int] = MIXED_BUCKETS,
+        max_seqs: int = MIXED_MAX_SEQS,
+    ) -> None:
+        # Imported here: triton is an optional dependency that only GPU hosts need.
+        from kernels.paged_prefill_attention import fill_work_list, prefill_block_m, work_list_size
+
+        if not buckets:
+            raise ValueError("no token counts to capture")
+        self._fill_work_list = fill_work_list
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_seq_len = max_seq_len
+        self.max_seqs = max_seqs
+        self.buckets = sorted(set(buckets))
+        self.device = dev = kv_caches[0].device
+        head_dim, dtype = model.config.head_dim, kv_caches[0].dtype
+        # bucket -> (decode rows D, query rows per work item, work list size G)
+        self.layout: dict[int, tuple[int, int, int]] = {}
+        for bucket in self.buckets:
+            block_m = prefill_block_m(head_dim, bucket, dtype)
+            self.layout[bucket] = (min(bucket, max_seqs), block_m, work_list_size(bucket, max_seqs, block_m))
+        self.work_size = _align4(max(g for _, _, g in self.layout.values()))
+        self.seq_lens_at = _align4(max_seqs + 1)
+        self.decode_at = self.seq_lens_at + _align4(max_seqs)
+        self.work_at = self.decode_at + _align4(max_seqs)
+        largest = self.buckets[-1]
+        self.token_data = torch.zeros((3, largest), dtype=torch.int64, device=dev)
+        self.token_data[2].fill_(PAD_SLOT)
+        self.index = torch.zeros(self.work_at + 2 * self.work_size, dtype=torch.int32, device=dev)
+        self.index[self.work_at :].fill_(-1)
+        self.block_tables = torch.zeros((max_seqs, -(-max_seq_len // block_size)), dtype=torch.int32, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    @property
+    def largest(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
+        """The bucket of a batch, None when it has too many tokens or sequences."""
+        if num_seqs > self.max_seqs:
+            return None
+        return bucket_for(num_tokens, self.buckets)
+
+    def pad(
+        self,
+        token_data: np.ndarray,  # (3, T) int64: input ids, positions, slot mapping
+        query_start_loc: np.ndarray,  # (B + 1,) int32
+        seq_lens: np.ndarray,  # (B,) int32
+        block_tables: np.ndarray,  # (B, width) int32
+        bucket: int,
+        *,
+        pin: bool,
+    ) -> PaddedStep:
+        """The batch laid out for ``bucket``'s graph. Sequences with one new token
+        must come first (the model runner orders batches so)."""
+        num_tokens, num_seqs = int(token_data.shape[1]), int(seq_lens.shape[0])
+        if num_tokens > bucket or num_seqs > self.max_seqs:
+            raise ValueError(
+                f"a batch of {num_tokens} tokens over {num_seqs} sequences does not fit the bucket of "
+                f"{bucket} tokens and {self.max_seqs} sequences"
+            )
+        _, block_m, work_size = self.layout[bucket]
+        padded = torch.empty((3, bucket), dtype=torch.int64, pin_memory=pin)
+        index = torch.empty(self.work_at + 2 * self.work_size, dtype=torch.int32, pin_memory=pin)
+        tables = torch.from_numpy(np.ascontiguousarray(block_tables))
+        if pin:
+            tables = tables.pin_memory()
+        t, ix = padded.numpy(), index.numpy()
+        t[:, :num_tokens] = token_data
+        t[0, num_tokens:], t[1, num_tokens:], t[2, num_tokens:] = PAD_TOKEN_ID, PAD_POSITION, PAD_SLOT
+        ix[: num_seqs + 1] = query_start_loc
+        ix[num_seqs + 1 : self.seq_lens_at] = num_tokens  # empty sequences past the batch
+        ix[self.seq_lens_at : self.seq_lens_at + num_seqs] = seq_lens
+        ix[self.seq_lens_at + num_seqs : self.decode_at] = 0
+        q_lens = np.diff(query_start_loc)
+        not_decode = np.flatnonzero(q_lens != 1)
+        num_decodes = int(not_decode[0]) if len(not_decode) else num_seqs
+        decode = ix[self.decode_at : self.work_at]
+        decode[:num_decodes] = seq_lens[:num_decodes]
+        decode[num_decodes:] = 0
+        work = ix[self.work_at :].reshape(2, self.work_size)
+        self._fill_work_list(query_start_loc, num_decodes, block_m, work[:, :work_size])
+        work[:, work_size:] = -1
+        return PaddedStep(padded, index, tables, num_tokens)
+
+    def _metadata(self, bucket: int) -> AttentionMetadata:
+        """Metadata over the static buffers for ``bucket``; its host lists are empty
+        (the Triton backend reads ``static`` instead)."""
+        num_decodes_cap, block_m, work_size = self.layout[bucket]
+        ix, s = self.index, self.max_seqs
+        work = ix[self.work_at :].view(2, self.work_size)[:, :work_size]
+        return AttentionMetadata(
+            query_start_loc=ix[: s + 1],
+            seq_lens=ix[self.seq_lens_at : self.seq_lens_at + s],
+            block_tables=self.block_tables,
+            slot_mapping=self.token_data[2, :bucket],
+            max_query_len=bucket,
+            max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=[],
+            seq_lens_cpu=[],
+            static=StaticLayout(
+                decode_seq_lens=ix[self.decode_at : self.decode_at + num_decodes_cap],
+                prefill_work=work,
+                prefill_block_m=block_m,
+            ),
+        )
+
+    def _forward(self, bucket: int) -> torch.Tensor:  # (bucket, hidden)
+        return self.model(
+            self.token_data[0, :bucket], self.token_data[1, :bucket], self.kv_caches, self._metadata(bucket)
+        )
+
+    def _load(self, step: PaddedStep) -> None:
+        """Copy ``step`` into the static buffers, queued on the current stream."""
+        num_seqs, width = step.block_tables.shape
+        if width > self.block_tables.shape[1]:
+            raise ValueError(
+                f"block tables of {width} blocks exceed the {self.block_tables.shape[1]} sized for "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        self.token_data[:, : step.bucket].copy_(step.token_data, non_blocking=True)
+        self.index.copy_(step.index, non_blocking=True)
+        # Rows and columns past the batch keep stale ids that no launch reads.
+        self.block_tables[:num_seqs, :width].copy_(step.block_tables, non_blocking=True)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
+        started = last_log = time.monotonic()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        stream = torch.cuda.Stream(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for i, bucket in enumerate(reversed(self.buckets)):
+                self._forward(bucket)  # builds this shape's kernels outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._outputs[bucket] = self._forward(bucket)
+                self._graphs[bucket] = graph
+                now = time.monotonic()
+                if now - last_log >= _PROGRESS_SECONDS:
+                    log.info("capturing CUDA graphs of mixed steps: %d/%d token counts, %.1f s",
+                             i + 1, len(self.buckets), now - started)
+                    last_log = now
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info(
+            "captured %d CUDA graphs of mixed steps (%d to %d tokens, up to %d sequences) in %.1f s, using %.0f MiB",
+            len(self.buckets),
+            self.buckets[0],
+            self.largest,
+            self.max_seqs,
+            time.monotonic() - started,
+            used / (1 << 20),
+        )
+
+    def replay(self, step: PaddedStep) -> torch.Tensor:  # (bucket, hidden), valid until the next replay
+        self._load(step)
+        self._graphs[step.bucket].replay()
+        self.num_replays += 1
+        return self._outputs[step.bucket]
+
+    @torch.inference_mode()
+    def run_eager(self, step: PaddedStep) -> torch.Tensor:  # (bucket, hidden)
+        """The same launches without a graph: the graph's reference, and how the
+        layout is tested on the CPU (Triton kernels under the interpreter)."""
+        self._load(step)
+        return self._forward(step.bucket)

@@ -14,7 +14,9 @@ On a GPU:
 * the KV cache takes what is left of ``gpu_memory_utilization`` after the
   weights and the peak of a profiling step (see ``PROFILE_NUM_TOKENS``);
 * pure-decode steps of up to 256 sequences replay CUDA graphs captured at
-  start-up (``worker.cuda_graphs``); other steps run eagerly;
+  start-up (``worker.cuda_graphs``), and so do prefill and mixed steps of up to
+  ``cuda_graph_max_tokens`` tokens over at most 256 sequences; larger steps run
+  eagerly;
 * a step's inputs go to the device as non-blocking copies from pinned host
   memory, so the host waits for the device once per step: in the sampler's one
   ``tolist`` of the sampled tokens.
@@ -37,7 +39,7 @@ import torch
 from shared.config import WorkerConfig
 from shared.messages import BatchPlan, SamplingParams, StepResult
 from worker.attention.base import AttentionMetadata
-from worker.cuda_graphs import DecodeGraphs, pad_decode_batch
+from worker.cuda_graphs import DecodeGraphs, MixedGraphs, mixed_buckets, pad_decode_batch
 from worker.device import DeviceInfo
 from worker.loader import load_model
 from worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
@@ -53,10 +55,12 @@ log = logging.getLogger(__name__)
 # larger --max-num-batched-tokens needs a lower --gpu-memory-utilization.
 PROFILE_NUM_TOKENS = 8192
 PROFILE_NUM_SAMPLED = 256
-# The CUDA graphs' own memory pool, kept out of the KV cache: decode activations of
+# The decode graphs' own memory pool, kept out of the KV cache: decode activations of
 # at most 256 tokens. Captures took 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b)
-# on an H200; start-up logs what they took.
+# on an H200; start-up logs what they took. The mixed-step graphs' pool is sized
+# from the profiling step (activations scale with the token count) plus this margin.
 CUDA_GRAPH_RESERVE_BYTES = 256 << 20
+MIXED_GRAPH_MARGIN_BYTES = 64 << 20
 
 
 def _aligned(n: int, multiple: int) -> int:
@@ -154,10 +158,14 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and device.is_cuda
 
         reserved = 0
+        mixed_sizes = mixed_buckets(config.cuda_graph_max_tokens) if self.use_cuda_graphs else ()
         if device.is_cuda:
-            reserved = self._profile_activation_bytes()
+            activations = self._profile_activation_bytes()
+            reserved = activations
             if self.use_cuda_graphs:
                 reserved += CUDA_GRAPH_RESERVE_BYTES
+            if mixed_sizes:
+                reserved += activations * max(mixed_sizes) // PROFILE_NUM_TOKENS + MIXED_GRAPH_MARGIN_BYTES
         available = device.kv_cache_bytes(config, reserved)
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.num_kv_heads)
@@ -176,14 +184,16 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self._unseeded = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if self.use_cuda_graphs:
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.kv_caches,
-                max_seq_len=min(self.max_model_len, self.num_blocks * self.block_size),
-                block_size=self.block_size,
-            )
+            longest = min(self.max_model_len, self.num_blocks * self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size)
             self.graphs.capture()
+            if mixed_sizes:
+                self.mixed_graphs = MixedGraphs(
+                    self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size, buckets=mixed_sizes
+                )
+                self.mixed_graphs.capture()
 
     def reset(self) -> None:
         self.states.clear()
@@ -382,6 +392,18 @@ class ModelRunner:
                     pin=self._pin,
                 )
                 return graphs.replay(padded)[: batch.num_seqs]
+        mixed = self.mixed_graphs
+        if mixed is not None and self.use_cuda_graphs:
+            bucket = mixed.bucket_for(batch.num_tokens, batch.num_seqs)
+            if bucket is not None:
+                step = mixed.pad(
+                    batch.token_data, batch.query_start_loc, batch.seq_lens, batch.block_tables, bucket, pin=self._pin
+                )
+                hidden = mixed.replay(step)
+                if batch.samples_every_row:
+                    return hidden[: batch.num_tokens]
+                rows = self._to_device(batch.host_i64[3 * batch.row_stride :])
+                return hidden[rows]
         inputs = self.device_inputs(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, hidden)
         return hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]

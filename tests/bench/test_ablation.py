@@ -80,12 +80,12 @@ def test_budget_shares_and_skips():
 
 
 def test_markdown_table_of_mixed_rows():
-    row = {"status": "ok", "completed": 8, "num_requests": 8, "output_tokens_per_s": 1234.5, "ttft_p50_ms": 10.0,
-           "ttft_p95_ms": 20.0, "gpu_util_mean_pct": 55.0, "cost_per_1m_output_tokens_usd": 0.56,
+    row = {"status": "ok", "completed": 8, "num_requests": 8, "max_num_seqs": 32, "output_tokens_per_s": 1234.5,
+           "ttft_p50_ms": 10.0, "ttft_p95_ms": 20.0, "gpu_util_mean_pct": 55.0, "cost_per_1m_output_tokens_usd": 0.56,
            "compute_roofline_fraction": 0.123, "batch1_tokens_per_s": 200.0, "batch1_roofline_fraction": 0.7}
     result = {
         "device": "NVIDIA H100", "matmul_peak_flops": 7.9e14, "copy_bandwidth_bytes_per_s": 3e12, "date": "d",
-        "settings": {"gpu_hour_usd": 2.5, "max_num_seqs": 32, "dtype": "bfloat16"},
+        "settings": {"gpu_hour_usd": 2.5, "dtype": "bfloat16"},
         "shapes": [{"shape": "llama-3.1-8b", "requests": {r: {"max_output_len": 512} for r in ROWS}, "rows": {
             "hf-static": {**row, "status": "truncated", "gpu_util_mean_pct": None},
             "hf-continuous": {"status": "failed", "message": "RuntimeError: boom"},
@@ -93,8 +93,8 @@ def test_markdown_table_of_mixed_rows():
         }}],
     }
     table = ablation.format_markdown(result)
-    assert "| HF transformers, static batches (generate) | 8/8, out ≤ 512 (truncated) | 1,234 | 10 / 20 | n/a |" in (
-        table)
+    assert ("| HF transformers, static batches (generate) | 8/8, out ≤ 512, 32 seqs (truncated) | 1,234 | 10 / 20 "
+            "| n/a |") in table
     assert "| HF transformers, continuous batching | failed: RuntimeError: boom |" in table
     assert "| 1,234 | 10 / 20 | 55% | 0.56 | 12.3% | 200 (70%) |" in table
 

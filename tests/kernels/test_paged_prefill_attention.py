@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from kernels.paged_prefill_attention import (
+    fill_work_list,
     paged_prefill_attention,
     paged_prefill_attention_ref,
+    prefill_block_m,
+    work_list_size,
 )
 from kernels.reshape_and_cache import reshape_and_cache_ref
-from worker.attention.base import AttentionMetadata
+from worker.attention.base import AttentionMetadata, StaticLayout
 from worker.attention.triton_backend import TritonAttentionBackend
 
 
@@ -140,6 +144,75 @@ def test_rejects_bad_arguments(paged_batch):
         paged_prefill_attention(batch.q, batch.kv_cache, qsl, seq_lens, tables, 1.0, -1)
 
 
+# --- work lists (the launch shape of CUDA graphs of mixed steps) --------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_work_list_covers_every_query_block_once(seed):
+    rng = np.random.default_rng(seed)
+    q_lens = rng.choice([0, 1, 1, 5, 16, 17, 40], size=int(rng.integers(1, 12)))
+    starts = np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)
+    first = int(rng.integers(0, len(q_lens) + 1))
+    block_m = int(rng.choice([4, 16]))
+    size = work_list_size(int(starts[-1]), len(q_lens), block_m)
+    out = np.full((2, size + 3), 99, dtype=np.int32)
+    count = fill_work_list(starts, first, block_m, out)
+    expected = [(s, b) for s in range(first, len(q_lens)) for b in range(-(-int(q_lens[s]) // block_m))]
+    assert count == len(expected) <= size
+    assert list(zip(out[0, :count].tolist(), out[1, :count].tolist(), strict=True)) == expected
+    assert (out[:, count:] == -1).all()
+
+
+def test_work_list_overflow_is_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_work_list(np.array([0, 40], dtype=np.int32), 0, 16, np.zeros((2, 2), dtype=np.int32))
+
+
+def _work(batch, first_seq: int, extra: int, device) -> torch.Tensor:
+    block_m = prefill_block_m(batch.q.shape[2], batch.max_query_len, batch.q.dtype)
+    size = work_list_size(batch.q.shape[0], len(batch.query_lens), block_m) + extra
+    host = np.zeros((2, size), dtype=np.int32)
+    fill_work_list(batch.query_start_loc.cpu().numpy(), first_seq, block_m, host)
+    return torch.from_numpy(host).to(device)
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_work_list_launch_matches_reference_and_skips_the_rest(paged_batch, assert_close, device, seed):
+    """A launch over a work list equals the full launch on the listed sequences and
+    leaves the rows of unlisted ones (leading decodes) untouched."""
+    rng = random.Random(seed)
+    num_decodes = rng.randint(0, 3)
+    query_lens = [1] * num_decodes + [rng.randint(1, 40) for _ in range(rng.randint(1, 3))]
+    batch = paged_batch(
+        query_lens=query_lens,
+        prefix_lens=[rng.randint(0, 50) for _ in query_lens],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        block_size=rng.choice([4, 16]),
+        dtype=torch.float32,
+        seed=seed,
+    )
+    out = torch.full_like(batch.q, 7.0)
+    _run_work = paged_prefill_attention(
+        batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale,
+        batch.max_query_len, out=out, work=_work(batch, num_decodes, extra=5, device=device),
+    )
+    assert _run_work.data_ptr() == out.data_ptr()
+    assert torch.all(out[:num_decodes] == 7.0)
+    assert_close(out[num_decodes:], _ref(batch)[num_decodes:], 1e-4)
+
+
+def test_work_list_is_checked(paged_batch, device):
+    batch = paged_batch(query_lens=[3], prefix_lens=[0], num_heads=2, num_kv_heads=1, head_dim=16, block_size=4,
+                        dtype=torch.float32, seed=0)
+    args = (batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, 1.0, 3)
+    with pytest.raises(ValueError, match="work has dtype"):
+        paged_prefill_attention(*args, work=torch.zeros((2, 4), dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="work has shape"):
+        paged_prefill_attention(*args, work=torch.zeros((3, 4), dtype=torch.int32, device=device))
+
+
 def _metadata(batch, num_padding: int) -> AttentionMetadata:
     return AttentionMetadata(
         query_start_loc=batch.query_start_loc,
@@ -192,6 +265,55 @@ def test_backend_mixed_batch(paged_batch, assert_close, num_padding):
     assert torch.equal(batch.kv_cache, expected_cache)
     assert_close(out, expected, 1e-4)
     assert torch.all(out[q.shape[0] - num_padding :] == 0)
+
+
+def _static_metadata(batch, num_padding: int, num_decodes: int, decode_rows: int, device) -> AttentionMetadata:
+    """The metadata of a CUDA graph of mixed steps: a work list and a fixed number of
+    decode rows, host lists empty, max_query_len the padded token count."""
+    num_tokens = batch.q.shape[0] + num_padding
+    meta = _metadata(batch, num_padding)
+    block_m = prefill_block_m(batch.q.shape[2], num_tokens, batch.q.dtype)
+    work = np.zeros((2, work_list_size(num_tokens, len(batch.query_lens), block_m)), dtype=np.int32)
+    fill_work_list(batch.query_start_loc.cpu().numpy(), num_decodes, block_m, work)
+    decode_lens = torch.zeros(decode_rows, dtype=torch.int32, device=device)
+    decode_lens[:num_decodes] = batch.seq_lens[:num_decodes]
+    meta.max_query_len = num_tokens
+    meta.query_start_loc_cpu, meta.seq_lens_cpu = [], []
+    meta.static = StaticLayout(decode_lens, torch.from_numpy(work).to(device), block_m)
+    return meta
+
+
+@pytest.mark.parametrize("num_padding", [0, 4])
+def test_backend_static_layout(paged_batch, assert_close, device, num_padding):
+    """The launches of a graph of mixed steps: decodes first through the decode kernel
+    over more rows than there are decodes, the rest through a work list."""
+    batch = paged_batch(
+        query_lens=[1, 1, 1, 9, 1, 14],
+        prefix_lens=[5, 30, 0, 6, 19, 0],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        block_size=4,
+        dtype=torch.float32,
+        seed=31,
+    )
+    q, k, v, _, expected_cache, expected = _backend_case(batch, num_padding, seed=32)
+    meta = _static_metadata(batch, num_padding, num_decodes=3, decode_rows=6, device=device)
+    out = TritonAttentionBackend(4, 2, 32, batch.scale).forward(q, k, v, batch.kv_cache, meta)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert_close(out, expected, 1e-4)
+    assert torch.all(out[q.shape[0] - num_padding :] == 0)
+
+
+def test_backend_static_layout_checks_the_block_size(paged_batch, device):
+    batch = paged_batch(query_lens=[1, 5], prefix_lens=[3, 0], num_heads=2, num_kv_heads=1, head_dim=16,
+                        block_size=4, dtype=torch.float32, seed=2)
+    q, k, v, *_ = _backend_case(batch, 0, seed=3)
+    meta = _static_metadata(batch, 0, num_decodes=1, decode_rows=2, device=device)
+    assert meta.static is not None
+    meta.static.prefill_block_m += 1
+    with pytest.raises(ValueError, match="work list has blocks"):
+        TritonAttentionBackend(2, 1, 16, batch.scale).forward(q, k, v, batch.kv_cache, meta)
 
 
 def _random_gpu_batch(paged_batch, rng, num_heads, num_kv_heads, head_dim, dtype, seed):
@@ -259,6 +381,30 @@ def test_gpu_backend_mixed_batch(paged_batch, assert_close):
         seed=21,
     )
     q, k, v, meta, expected_cache, expected = _backend_case(batch, 5, seed=22)
+    out = TritonAttentionBackend(32, 8, 128, batch.scale).forward(q, k, v, batch.kv_cache, meta)
+    assert torch.equal(batch.kv_cache, expected_cache)
+    assert_close(out, expected, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gpu_backend_static_layout(paged_batch, assert_close, device, seed):
+    rng = random.Random(seed)
+    num_decodes = rng.randint(1, 200)
+    query_lens = [1] * num_decodes + [rng.randint(2, 700) for _ in range(rng.randint(1, 4))]
+    batch = paged_batch(
+        query_lens=query_lens,
+        prefix_lens=[rng.randint(0, 3000) for _ in query_lens],
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        seed=40 + seed,
+    )
+    q, k, v, _, expected_cache, expected = _backend_case(batch, 9, seed=50 + seed)
+    # More decode rows than decodes, as in a graph; at most one per sequence of the batch.
+    meta = _static_metadata(batch, 9, num_decodes=num_decodes, decode_rows=len(query_lens), device=device)
     out = TritonAttentionBackend(32, 8, 128, batch.scale).forward(q, k, v, batch.kv_cache, meta)
     assert torch.equal(batch.kv_cache, expected_cache)
     assert_close(out, expected, 1e-2)

@@ -1,9 +1,12 @@
-"""Decode CUDA graphs: bucket choice and padding (anywhere), replay against eager (GPU).
+"""CUDA graphs of decode and of mixed steps: bucket choice and padding (anywhere),
+replay against eager (GPU).
 
-On the CPU the padded decode batch runs eagerly through ``DecodeGraphs.run_eager``
-on a tiny random model, which checks that padding rows change nothing for the
-real ones. The ``gpu`` tests load dummy weights at the Llama-3.2-1B shape through
-the real model runner (bf16, Triton kernels, graphs captured at start-up).
+On the CPU the padded batches run eagerly through ``run_eager`` on a tiny random
+model, which checks that padding rows change nothing for the real ones; mixed
+steps run there through the Triton attention backend under the interpreter, since
+their static layout is what that backend reads. The ``gpu`` tests load dummy
+weights at the Llama-3.2-1B shape through the real model runner (bf16, Triton
+kernels, graphs captured at start-up).
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from scheduler.scheduler import Scheduler
 from shared.config import SchedulerConfig, WorkerConfig
 from shared.messages import SamplingParams
 from worker.attention.base import AttentionMetadata
+from worker.attention.triton_backend import TritonAttentionBackend
 from worker.cuda_graphs import (
     DECODE_BUCKETS,
+    MIXED_BUCKETS,
     PAD_SEQ_LEN,
     PAD_SLOT,
     DecodeGraphs,
+    MixedGraphs,
     PaddedDecode,
     bucket_for,
+    mixed_buckets,
     pad_decode_batch,
 )
 from worker.device import DeviceInfo
@@ -157,6 +164,115 @@ def test_padded_decode_equals_unpadded_on_cpu(tmp_path: Path) -> None:
         torch.testing.assert_close(out[:n], ref, rtol=1e-5, atol=1e-5)
 
 
+# --- mixed steps ----------------------------------------------------------------
+
+
+def test_mixed_buckets_keep_padding_small() -> None:
+    assert list(MIXED_BUCKETS) == sorted(set(MIXED_BUCKETS))
+    assert mixed_buckets(0) == ()
+    assert mixed_buckets(2048)[-1] == 2048 and mixed_buckets(1000)[-1] == 1000
+    assert mixed_buckets(16) == (16,)
+    for n in range(1, 8193):
+        bucket = bucket_for(n, mixed_buckets(8192))
+        assert bucket is not None and n <= bucket
+        # Under half of a step is padding, under a third above 256 tokens.
+        assert (bucket - n) * (2 if bucket <= 256 else 3) < bucket or bucket == 16, (n, bucket)
+    with pytest.raises(ValueError, match=">= 0"):
+        mixed_buckets(-1)
+
+
+# (query lengths, context lengths before the step) of the sequences of a mixed batch,
+# decodes first as the model runner orders them.
+MIXED_CASES = [
+    ([5], [0]),  # one fresh prompt
+    ([1, 1, 1, 7], [3, 9, 20, 0]),  # decodes, then a prompt
+    ([1, 1, 13, 2], [30, 4, 5, 8]),  # decodes, then a chunk over a prefix and a short chunk
+    ([1, 1, 1], [6, 7, 8]),  # all decodes, one of them a one-token prompt chunk (not sampled)
+    ([20, 11], [0, 16]),
+]
+
+
+def random_mixed(
+    query_lens: list[int], prefix_lens: list[int], rng: np.random.Generator, *, num_blocks: int, block_size: int,
+    vocab: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(token_data (3, T), query_start_loc, seq_lens, block_tables) over distinct, scattered blocks."""
+    seq_lens = np.asarray(prefix_lens) + np.asarray(query_lens)
+    blocks_each = -(-seq_lens // block_size)
+    blocks = rng.permutation(num_blocks)[: int(blocks_each.sum())]
+    tables = np.zeros((len(query_lens), int(blocks_each.max())), dtype=np.int32)
+    rows: list[np.ndarray] = []
+    used = 0
+    for i, (q, p) in enumerate(zip(query_lens, prefix_lens, strict=True)):
+        tables[i, : blocks_each[i]] = blocks[used : used + blocks_each[i]]
+        used += int(blocks_each[i])
+        pos = np.arange(p, p + q)
+        slots = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        rows.append(np.stack([rng.integers(0, vocab, q), pos, slots]))
+    starts = np.concatenate(([0], np.cumsum(query_lens))).astype(np.int32)
+    return np.concatenate(rows, axis=1).astype(np.int64), starts, seq_lens.astype(np.int32), tables
+
+
+def eager_step(model: LlamaForCausalLM, kv_caches: list[torch.Tensor], token_data: np.ndarray, starts: np.ndarray,
+               seq_lens: np.ndarray, tables: np.ndarray) -> torch.Tensor:
+    dev = kv_caches[0].device
+    meta = AttentionMetadata(
+        query_start_loc=torch.from_numpy(starts).to(dev),
+        seq_lens=torch.from_numpy(seq_lens).to(dev),
+        block_tables=torch.from_numpy(tables).to(dev),
+        slot_mapping=torch.from_numpy(token_data[2]).to(dev),
+        max_query_len=int(np.diff(starts).max()),
+        max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=starts.tolist(),
+        seq_lens_cpu=seq_lens.tolist(),
+    )
+    data = torch.from_numpy(token_data).to(dev)
+    return model(data[0], data[1], kv_caches, meta)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # the Triton interpreter's
+@torch.inference_mode()
+def test_padded_mixed_step_equals_unpadded_on_cpu(tmp_path: Path) -> None:
+    """The static layout of a mixed graph (fixed decode rows, a work list, padding
+    rows) gives the real rows what an eager forward over the unpadded batch gives,
+    through the Triton kernels and through the torch reference backend alike, and
+    writes only the real tokens' slots."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    model, config = load_model(tmp_path, load_format="dummy", seed=1, attn_backend=TritonAttentionBackend)
+    reference, _ = load_model(tmp_path, load_format="dummy", seed=1)  # torch attention
+    block_size, num_blocks, max_len = 4, 120, 48
+    kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for cache in kv_caches:
+        cache.normal_(generator=gen)
+    graphs = MixedGraphs(model, kv_caches, max_seq_len=max_len, block_size=block_size, buckets=(16, 32),
+                         max_seqs=6)
+    rng = np.random.default_rng(0)
+    for query_lens, prefix_lens in MIXED_CASES:
+        token_data, starts, seq_lens, tables = random_mixed(
+            query_lens, prefix_lens, rng, num_blocks=num_blocks, block_size=block_size, vocab=256
+        )
+        bucket = graphs.bucket_for(int(token_data.shape[1]), len(query_lens))
+        assert bucket is not None
+        step = graphs.pad(token_data, starts, seq_lens, tables, bucket, pin=False)
+        before = [cache.clone() for cache in kv_caches]
+        out = graphs.run_eager(step)
+        assert out.shape == (bucket, config.hidden_size) and bool(out.isfinite().all())
+        changed = set()
+        for old, new in zip(before, kv_caches, strict=True):
+            diff = (old != new).reshape(2, num_blocks * block_size, -1).any(dim=2).any(dim=0)
+            changed |= set(diff.nonzero().flatten().tolist())
+        assert changed <= set(token_data[2].tolist())
+        n = int(token_data.shape[1])
+        torch.testing.assert_close(out[:n], eager_step(model, kv_caches, token_data, starts, seq_lens, tables),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[:n], eager_step(reference, kv_caches, token_data, starts, seq_lens, tables),
+                                   rtol=1e-4, atol=1e-4)
+    assert graphs.bucket_for(33, 2) is None and graphs.bucket_for(10, 7) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        graphs.pad(token_data, starts, seq_lens, tables, 16, pin=False)
+
+
 # --- GPU -------------------------------------------------------------------------
 
 
@@ -210,12 +326,46 @@ def test_replay_equals_eager_at_the_same_bucket(gpu_runner: ModelRunner, seed: i
 
 @pytest.mark.gpu
 @needs_gpu
-def test_runner_replays_decodes_and_syncs_once_per_step(gpu_runner: ModelRunner) -> None:
-    """Decode steps replay a graph and wait for the device once (the sampled tokens);
-    prefill steps run eagerly; clearing ``use_cuda_graphs`` turns replays off."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_replay_equals_eager(gpu_runner: ModelRunner, seed: int) -> None:
+    """Mixed-step graph replay and the same padded step run eagerly: bit-identical; and
+    close to the unpadded eager step (other GEMM shapes and tiles round differently in
+    bf16, while a layout bug would change rows entirely)."""
     runner = gpu_runner
-    graphs = runner.graphs
-    assert graphs is not None
+    mixed = runner.mixed_graphs
+    assert mixed is not None and mixed.captured and mixed.largest == 2048
+    rng = np.random.default_rng(seed)
+    cases: list[list[int]] = [[1] * 255 + [300], [1] * 40 + [7, 900], [2000], [1, 1, 1, 1]]
+    cases += [[1] * int(rng.integers(0, 200)) + rng.integers(2, 600, int(rng.integers(1, 4))).tolist()
+              for _ in range(4)]
+    with torch.inference_mode():
+        for query_lens in cases:
+            prefix_lens = rng.integers(0, 1500, len(query_lens)).tolist()
+            token_data, starts, seq_lens, tables = random_mixed(
+                query_lens, prefix_lens, rng, num_blocks=runner.num_blocks, block_size=runner.block_size,
+                vocab=runner.model_config.vocab_size,
+            )
+            n = int(token_data.shape[1])
+            bucket = mixed.bucket_for(n, len(query_lens))
+            assert bucket is not None, query_lens
+            step = mixed.pad(token_data, starts, seq_lens, tables, bucket, pin=True)
+            replayed = mixed.replay(step)[:n].clone()
+            eager = mixed.run_eager(step)[:n]
+            assert torch.equal(replayed, eager), len(query_lens)
+            ref = eager_step(runner.model, runner.kv_caches, token_data, starts, seq_lens, tables)
+            err = ((replayed.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 5e-2, (len(query_lens), err)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) -> None:
+    """Decode steps replay a decode graph, prefill and mixed steps a mixed graph, and
+    each step waits for the device once (the sampled tokens); clearing
+    ``use_cuda_graphs`` turns replays off."""
+    runner = gpu_runner
+    graphs, mixed = runner.graphs, runner.mixed_graphs
+    assert graphs is not None and mixed is not None
     runner.reset()
     scheduler = Scheduler(SchedulerConfig(), KVCacheManager(runner.num_blocks, runner.block_size), runner.max_model_len)
     rng = np.random.default_rng(3)
@@ -227,7 +377,7 @@ def test_runner_replays_decodes_and_syncs_once_per_step(gpu_runner: ModelRunner)
     while scheduler.has_work():
         plan = scheduler.schedule()
         assert plan is not None
-        replays = graphs.num_replays
+        replays, mixed_replays = graphs.num_replays, mixed.num_replays
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -240,19 +390,19 @@ def test_runner_replays_decodes_and_syncs_once_per_step(gpu_runner: ModelRunner)
         # A decode batch: one token for each request, and each one sampled.
         decode_only = len(result.request_ids) == sum(plan.num_scheduled_tokens.values())
         assert graphs.num_replays == replays + int(decode_only)
-        if decode_only:
-            decode_steps += 1
-            assert len(syncs) == 1, syncs
+        assert mixed.num_replays == mixed_replays + int(not decode_only)
+        decode_steps += decode_only
+        assert len(syncs) == int(bool(result.request_ids)), syncs
         scheduler.update_from_output(plan, result)
-    assert decode_steps > 5
+    assert 5 < decode_steps < mixed.num_replays + decode_steps
     runner.use_cuda_graphs = False
     try:
-        replays = graphs.num_replays
+        replays, mixed_replays = graphs.num_replays, mixed.num_replays
         scheduler.add_request(Request("eager", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0)))
         while scheduler.has_work():
             plan = scheduler.schedule()
             assert plan is not None
             scheduler.update_from_output(plan, runner.execute(plan))
-        assert graphs.num_replays == replays
+        assert (graphs.num_replays, mixed.num_replays) == (replays, mixed_replays)
     finally:
         runner.use_cuda_graphs = True

@@ -30,6 +30,20 @@ import torch
 
 
 @dataclass
+class StaticLayout:
+    """How a step replayed from a CUDA graph of mixed batches lays its work out.
+
+    A graph fixes every launch's size at capture, so these tensors have fixed
+    shapes and the step's own values in them. The model runner puts a batch's
+    decodes (one new token each) first; ``D`` and ``G`` are fixed per graph.
+    """
+
+    decode_seq_lens: torch.Tensor  # (D,) int32: context length of each leading decode, 0 past them
+    prefill_work: torch.Tensor  # (2, G) int32: (sequence, query block) per prefill program, -1 past them
+    prefill_block_m: int  # query rows per block of ``prefill_work``
+
+
+@dataclass
 class AttentionMetadata:
     """Describes one flattened batch. All tensors live on the model's device."""
 
@@ -42,6 +56,11 @@ class AttentionMetadata:
     # Host copies, so a backend may loop or size launches without a device sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Set in CUDA graphs of mixed batches (``worker.cuda_graphs.MixedGraphs``), where
+    # the host lists above describe the capture's batch, not the replayed one. A
+    # backend that runs in such graphs sizes its launches from this alone; the torch
+    # backend never runs in one and ignores it.
+    static: StaticLayout | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -15,7 +15,10 @@ kernels over the whole batch:
   length per sequence (a decode row is a query of length 1).
 
 Only host-side sizes (``*_cpu`` lists, ``max_query_len``) choose and size the
-launches, so a forward never waits for the device. The decode kernel's split
+launches, so a forward never waits for the device. In a CUDA graph of mixed
+batches the metadata carries a ``StaticLayout`` instead: the decode kernel runs
+over a fixed number of leading rows and the prefill kernel over a fixed-size
+work list, both filled in by the host each step. The decode kernel's split
 count comes from ``max_seq_len`` alone, which CUDA graphs of decode steps rely
 on (see ``worker.cuda_graphs``).
 """
@@ -27,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from kernels.paged_decode_attention import paged_decode_attention
-from kernels.paged_prefill_attention import paged_prefill_attention
+from kernels.paged_prefill_attention import paged_prefill_attention, prefill_block_m
 from kernels.reshape_and_cache import reshape_and_cache
-from worker.attention.base import AttentionBackend, AttentionMetadata
+from worker.attention.base import AttentionBackend, AttentionMetadata, StaticLayout
 
 
 def num_leading_decodes(query_start_loc: list[int]) -> int:
@@ -99,6 +102,8 @@ class TritonAttentionBackend(AttentionBackend):
                 f"k has shape {tuple(k.shape)}, expected (T, {self.num_kv_heads}, {self.head_dim})"
             )
         reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        if meta.static is not None:
+            return self._forward_static(q, kv_cache, meta, meta.static)
 
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         num_seqs = meta.num_seqs
@@ -143,4 +148,49 @@ class TritonAttentionBackend(AttentionBackend):
         if num_real < num_tokens:
             # Padding rows belong to no sequence; zeros keep garbage out of later layers.
             out[num_real:].zero_()
+        return out
+
+    def _forward_static(
+        self,
+        q: torch.Tensor,  # (T, num_heads, head_dim)
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        layout: StaticLayout,
+    ) -> torch.Tensor:  # (T, num_heads, head_dim)
+        """A mixed batch in launches whose sizes depend on the layout's shapes only.
+
+        The decode kernel covers the first ``D`` rows; rows past the step's decodes
+        have context length 0 there and get zeros, which the prefill kernel then
+        overwrites for its own rows (the launches are ordered on one stream). Rows
+        of no sequence (padding) stay zero.
+        """
+        block_m = prefill_block_m(self.head_dim, meta.max_query_len, q.dtype)
+        if block_m != layout.prefill_block_m:
+            raise ValueError(
+                f"the work list has blocks of {layout.prefill_block_m} query rows, but a launch with "
+                f"max_query_len {meta.max_query_len} uses {block_m}"
+            )
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        d = layout.decode_seq_lens.shape[0]
+        if d:
+            paged_decode_attention(
+                q[:d],
+                kv_cache,
+                meta.block_tables[:d],
+                layout.decode_seq_lens,
+                self.scale,
+                meta.max_seq_len,
+                out=out[:d],
+            )
+        paged_prefill_attention(
+            q,
+            kv_cache,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            self.scale,
+            meta.max_query_len,
+            out=out,
+            work=layout.prefill_work,
+        )
         return out
