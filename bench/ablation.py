@@ -701,6 +701,9 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
             run.truncated = result.metrics.failed > 0 and time.perf_counter() >= ctx.deadline
             if result.metrics.failed:
                 run.details["serve_log_tail"] = group.log_tail("serve")
+            # The scheduler's periodic stats lines: tokens/s and where each step's time went.
+            run.details["scheduler_stats"] = [line for line in group.log_tail("serve").splitlines()
+                                              if "tokens/s out" in line]
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 run.details["server_health"] = httpx.get(base_url + "/health", timeout=5).json()
         except Exception as exc:

@@ -27,7 +27,7 @@ Everything runs on one warm engine per shape: graphs are captured once at start-
 and switched off through ``ModelRunner.use_cuda_graphs`` for the eager runs. A short
 warm-up before the timed runs builds most of the Triton kernels' variants (Triton
 specialises on some argument values, so a few may still be built during a run).
-Each rag run also reports how many steps ran eagerly (prefill and mixed steps) and
+Each rag run also reports how many steps ran eagerly (those no CUDA graph covers) and
 how long they took. Progress goes to
 stdout; the table at the end and the JSON at ``--out`` carry the device name, the
 date and the command.
@@ -203,6 +203,11 @@ class RunStats:
     preemptions: int
 
 
+def graph_replays(runner: ModelRunner) -> int:
+    """CUDA graph replays so far, of decode and of mixed steps."""
+    return sum(g.num_replays for g in (runner.graphs, runner.mixed_graphs) if g is not None)
+
+
 def run_workload(
     engine: LocalEngine, requests: list[tuple[list[int], int]], config: SchedulerConfig, graphs: bool
 ) -> RunStats:
@@ -210,7 +215,7 @@ def run_workload(
     runner = engine.runner
     runner.use_cuda_graphs = graphs
     fresh_scheduler(engine, config)
-    replays_before = runner.graphs.num_replays if runner.graphs is not None else 0
+    replays_before = graph_replays(runner)
     begin = time.perf_counter()
     for i, (prompt, output_len) in enumerate(requests):
         engine.add_request(f"r{i}", prompt, forced(output_len))
@@ -220,10 +225,10 @@ def run_workload(
     graph_time = 0.0
     step_start = time.perf_counter()
     while engine.scheduler.has_work():
-        replays = runner.graphs.num_replays if runner.graphs is not None else 0
+        replays = graph_replays(runner)
         outputs = engine.step()
         step_end = time.perf_counter()
-        if runner.graphs is not None and runner.graphs.num_replays > replays:
+        if graph_replays(runner) > replays:
             graph_time += step_end - step_start
         step_start = step_end
         now = step_end - begin
@@ -234,7 +239,7 @@ def run_workload(
             if out.finish_reason is not None:
                 done[out.request_id] = now
     duration = time.perf_counter() - begin
-    replays = (runner.graphs.num_replays if runner.graphs is not None else 0) - replays_before
+    replays = graph_replays(runner) - replays_before
     stats = engine.scheduler.stats
     return RunStats(
         duration_s=duration,

@@ -8,7 +8,8 @@ Two kinds of source:
 - the gateway's own events (requests, latencies, tokens, cache lookups, rate-limit
   rejections), recorded by the small ``observe_*`` methods as they happen;
 - the scheduler's status, polled about once a second. The scheduler reports
-  absolute counts (queue depth, KV blocks, prefix-cache queries, preemptions), so
+  absolute counts (queue depth, KV blocks, prefix-cache queries, preemptions, steps,
+  scheduled tokens, parallel-sampling forks and their block copies), so
   they are exposed by a collector that reads the latest status at scrape time
   instead of being replayed through ``inc()``.
 """
@@ -58,6 +59,14 @@ class SchedulerStatusLike(Protocol):
     def prefix_cache_hits(self) -> int: ...
     @property
     def num_preemptions(self) -> int: ...
+    @property
+    def num_steps(self) -> int: ...
+    @property
+    def num_scheduled_tokens(self) -> int: ...
+    @property
+    def num_forks(self) -> int: ...
+    @property
+    def num_block_copies(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,23 @@ class SchedulerSnapshot:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    num_steps: int = 0
+    num_scheduled_tokens: int = 0
+    num_forks: int = 0
+    num_block_copies: int = 0
+
+
+# The scheduler's counts exposed as counters: (metric name, status field, help).
+_SCHEDULER_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("preemptions", "num_preemptions", "Sequences preempted for lack of KV blocks."),
+    ("engine_steps", "num_steps", "Batches the worker group ran."),
+    ("scheduled_tokens", "num_scheduled_tokens", "Tokens the worker group computed, prompts and outputs."),
+    ("parallel_sampling_forks", "num_forks",
+     "Requests of n > 1 split into their choices after one shared prefill."),
+    ("kv_block_copies", "num_block_copies", "Partial KV blocks copied on write by those splits."),
+)
 
 
 class _MonotonicCount:
@@ -101,30 +127,19 @@ class _SchedulerCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()  # scrapes may run on another thread than the status poller
         self._snapshot = SchedulerSnapshot()
-        self._queries = _MonotonicCount()
-        self._hits = _MonotonicCount()
-        self._preemptions = _MonotonicCount()
+        self._counts = {field: _MonotonicCount() for _, field, _ in _SCHEDULER_COUNTERS}
 
     def update(self, status: SchedulerStatusLike) -> None:
-        snapshot = SchedulerSnapshot(
-            num_waiting=status.num_waiting,
-            num_running=status.num_running,
-            num_free_blocks=status.num_free_blocks,
-            num_total_blocks=status.num_total_blocks,
-            prefix_cache_queries=status.prefix_cache_queries,
-            prefix_cache_hits=status.prefix_cache_hits,
-            num_preemptions=status.num_preemptions,
-        )
+        snapshot = SchedulerSnapshot(**{name: getattr(status, name) for name in SchedulerSnapshot.__dataclass_fields__})
         with self._lock:
             self._snapshot = snapshot
-            self._queries.update(snapshot.prefix_cache_queries)
-            self._hits.update(snapshot.prefix_cache_hits)
-            self._preemptions.update(snapshot.num_preemptions)
+            for field, count in self._counts.items():
+                count.update(getattr(snapshot, field))
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             s = self._snapshot
-            queries, hits, preemptions = self._queries.value, self._hits.value, self._preemptions.value
+            counts = {field: count.value for field, count in self._counts.items()}
         yield GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting in the scheduler's queue.",
                                 value=s.num_waiting)
         yield GaugeMetricFamily(PREFIX + "running_sequences", "Sequences in the running batch.",
@@ -133,12 +148,8 @@ class _SchedulerCollector(Collector):
                                 value=max(0, s.num_total_blocks - s.num_free_blocks))
         yield GaugeMetricFamily(PREFIX + "kv_blocks_total", "KV cache blocks in the worker group.",
                                 value=s.num_total_blocks)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=queries)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                  value=hits)
-        yield CounterMetricFamily(PREFIX + "preemptions", "Sequences preempted for lack of KV blocks.",
-                                  value=preemptions)
+        for name, field, help_text in _SCHEDULER_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, help_text, value=counts[field])
 
 
 def metrics_response(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -51,6 +52,43 @@ _STATS_INTERVAL_S = 10.0
 _EXPIRY_INTERVAL_S = 0.1
 
 
+@dataclass
+class _StepTimes:
+    """Where a step's wall time went, summed over the steps since the last stats line: the
+    workers' share (plan sent to result received; ``forward_ms`` of that executing) and
+    this process's (a result received to the next plan sent)."""
+
+    steps: int = 0
+    in_workers_s: float = 0.0
+    executing_s: float = 0.0
+    between_s: float = 0.0
+    between_steps: int = 0
+    _result_at: float | None = None
+
+    def finished(self, sent: float, forward_ms: float) -> None:
+        self._result_at = time.monotonic()
+        self.steps += 1
+        self.in_workers_s += self._result_at - sent
+        self.executing_s += forward_ms / 1000.0
+
+    def launched(self, now: float) -> None:
+        if self._result_at is not None:
+            self.between_s += now - self._result_at
+            self.between_steps += 1
+            self._result_at = None
+
+    def settled(self) -> None:
+        """The result is handled; a plan launched later (after new requests) is not its next."""
+        self._result_at = None
+
+    def summary(self) -> str:
+        if not self.steps:
+            return "no steps"
+        return (f"{self.steps} steps: {1000 * self.in_workers_s / self.steps:.2f} ms each in the workers "
+                f"({1000 * self.executing_s / self.steps:.2f} ms executing), "
+                f"{1000 * self.between_s / max(1, self.between_steps):.2f} ms here before the next plan")
+
+
 class SchedulerServer:
     def __init__(self, config: SchedulerConfig, record_batches: bool = False) -> None:
         self.config = config
@@ -78,6 +116,7 @@ class SchedulerServer:
         self._stopping = False
         self._last_stats = time.monotonic()
         self._tokens_since_stats = 0
+        self._step_times = _StepTimes()
         self._next_expiry_check = 0.0
         self._tracer = get_tracer("loomserve.scheduler")
         self._traced: dict[str, tuple[Span, Request]] = {}
@@ -308,7 +347,9 @@ class SchedulerServer:
         payload = self._encoder.encode(plan)
         for routing_id in self._ranks.values():
             self._worker_sock.send_multipart([routing_id, payload], copy=False)
-        self._in_flight = (plan, time.monotonic())
+        now = time.monotonic()
+        self._in_flight = (plan, now)
+        self._step_times.launched(now)
 
     def _drain_workers(self) -> None:
         while True:
@@ -364,11 +405,12 @@ class SchedulerServer:
     def _on_step_result(self, result: m.StepResult) -> None:
         if self._in_flight is None or self.scheduler is None:
             return
-        plan, _ = self._in_flight
+        plan, sent = self._in_flight
         if result.step_id != plan.step_id:
             log.warning("dropped a result for step %d while waiting for step %d", result.step_id, plan.step_id)
             return
         self._in_flight = None
+        self._step_times.finished(sent, result.forward_ms)
         outputs = self.scheduler.update_from_output(plan, result)
         deferred, self._deferred = self._deferred, []
         for routing_id, msg in deferred:
@@ -376,6 +418,7 @@ class SchedulerServer:
         # The next plan goes out before the outputs, so that the worker group computes
         # while this process encodes and sends them (and ends their traces).
         self._launch_step()
+        self._step_times.settled()
         self._publish(outputs)
 
     def _on_monitor_event(self) -> None:
@@ -418,11 +461,13 @@ class SchedulerServer:
         sched = self.scheduler
         if sched is not None and (sched.has_work() or self._tokens_since_stats):
             kv = sched.kv_cache
-            log.info("%.1f tokens/s out, %d running, %d waiting, KV %d/%d blocks used, %d preemptions",
+            log.info("%.1f tokens/s out, %d running, %d waiting, KV %d/%d blocks used, %d preemptions; %s",
                      self._tokens_since_stats / (now - self._last_stats), sched.num_running,
-                     sched.num_waiting, kv.num_used_blocks, kv.num_blocks, sched.stats.num_preemptions)
+                     sched.num_waiting, kv.num_used_blocks, kv.num_blocks, sched.stats.num_preemptions,
+                     self._step_times.summary())
         self._last_stats = now
         self._tokens_since_stats = 0
+        self._step_times = _StepTimes()
 
 
 def serve_scheduler(config: SchedulerConfig) -> None:

@@ -5,6 +5,7 @@ are unique per run so nothing collides with earlier runs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -66,8 +67,10 @@ def _client(stack: ServeStack, key: str = KEY_A) -> openai.OpenAI:
 
 def test_every_route_needs_a_key_except_the_allowlist(secure: ServeStack, default_model_path: Path) -> None:
     model = ModelInfo(MODEL, load_tokenizer(default_model_path), [2], "r")
-    app = create_app(GatewayConfig(), EngineClient("tcp://127.0.0.1:9"), model, KeyStore())
+    engine = EngineClient("tcp://127.0.0.1:9")  # never started: the app is only read for its routes
+    app = create_app(GatewayConfig(), engine, model, KeyStore())
     routes = [(route.path, method) for route in app.routes for method in (route.methods or []) if method != "HEAD"]  # type: ignore[attr-defined]
+    asyncio.run(engine.close())
     assert len(routes) >= 7
     public = {"/health", "/ready"}
     for path, method in routes:

@@ -35,6 +35,10 @@ ALL_METRICS = [
     "loomserve_prefix_cache_queries_total",
     "loomserve_prefix_cache_hits_total",
     "loomserve_preemptions_total",
+    "loomserve_engine_steps_total",
+    "loomserve_scheduled_tokens_total",
+    "loomserve_parallel_sampling_forks_total",
+    "loomserve_kv_block_copies_total",
 ]
 
 
@@ -62,7 +66,8 @@ def test_exposition_holds_every_metric_after_observations() -> None:
     g.observe_rate_limit_rejection("acme", "tokens_per_minute")
     g.update_from_status(SchedulerSnapshot(num_waiting=3, num_running=5, num_free_blocks=70, num_total_blocks=100,
                                            prefix_cache_queries=1000, prefix_cache_hits=640,
-                                           num_preemptions=2))
+                                           num_preemptions=2, num_steps=40, num_scheduled_tokens=5000,
+                                           num_forks=3, num_block_copies=6))
     body, content_type = g.metrics_response()
     text = body.decode()
     assert content_type.startswith("text/plain")
@@ -85,6 +90,10 @@ def test_exposition_holds_every_metric_after_observations() -> None:
     assert s[("loomserve_prefix_cache_queries_total", ())] == 1000
     assert s[("loomserve_prefix_cache_hits_total", ())] == 640
     assert s[("loomserve_preemptions_total", ())] == 2
+    assert s[("loomserve_engine_steps_total", ())] == 40
+    assert s[("loomserve_scheduled_tokens_total", ())] == 5000
+    assert s[("loomserve_parallel_sampling_forks_total", ())] == 3
+    assert s[("loomserve_kv_block_copies_total", ())] == 6
 
 
 def test_metrics_live_on_their_own_registry() -> None:
@@ -151,6 +160,7 @@ def test_status_fed_counters_survive_a_scheduler_restart() -> None:
     # The scheduler restarted: its counts begin again at 0; the exposed counters must not go down.
     g.update_from_status(SchedulerSnapshot(num_preemptions=2, prefix_cache_queries=40))
     assert value(g, "loomserve_preemptions_total") == 9
+    assert value(g, "loomserve_engine_steps_total") == 0
     assert value(g, "loomserve_prefix_cache_queries_total") == 540
     g.update_from_status(SchedulerSnapshot(num_preemptions=5, prefix_cache_queries=100))
     assert value(g, "loomserve_preemptions_total") == 12
@@ -171,12 +181,17 @@ def test_the_scheduler_status_message_feeds_the_metrics() -> None:
     g = GatewayMetrics()
     g.update_from_status(m.SchedulerStatus(nonce=1, workers_ready=True, num_waiting=2, num_running=3,
                                            num_free_blocks=5, num_total_blocks=9, prefix_cache_queries=7,
-                                           prefix_cache_hits=6, num_preemptions=1))
+                                           prefix_cache_hits=6, num_preemptions=1, num_steps=11,
+                                           num_scheduled_tokens=120, num_forks=2, num_block_copies=3))
     assert value(g, "loomserve_queue_depth") == 2
     assert value(g, "loomserve_kv_blocks_used") == 4
     assert value(g, "loomserve_prefix_cache_queries_total") == 7
     assert value(g, "loomserve_prefix_cache_hits_total") == 6
     assert value(g, "loomserve_preemptions_total") == 1
+    assert value(g, "loomserve_engine_steps_total") == 11
+    assert value(g, "loomserve_scheduled_tokens_total") == 120
+    assert value(g, "loomserve_parallel_sampling_forks_total") == 2
+    assert value(g, "loomserve_kv_block_copies_total") == 3
 
 
 def test_histogram_buckets_span_milliseconds_to_minutes() -> None:

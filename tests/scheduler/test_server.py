@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import zmq
 
-from scheduler.server import SchedulerServer
+from scheduler.server import SchedulerServer, _StepTimes
 from shared import messages as m
 from shared.config import SchedulerConfig
 from tests.stack import free_port
@@ -69,3 +70,23 @@ def test_the_trace_of_a_request_with_choices_ends_with_its_last_choice() -> None
         assert "p" not in server._traced and "p" not in server._open_choices
     finally:
         server.close()
+
+
+def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None:
+    """The stats line's step accounting: plan sent to result (and the workers' own execute
+    time within it), then result to the next plan; a plan launched after an idle spell is
+    not counted as following the last result."""
+    times = _StepTimes()
+    assert times.summary() == "no steps"
+    now = time.monotonic()
+    times.finished(now - 0.010, forward_ms=4.0)
+    times.launched(time.monotonic() + 0.002)
+    times.settled()
+    times.finished(time.monotonic() - 0.020, forward_ms=6.0)
+    times.settled()  # nothing to run next: the next launch is not timed against this result
+    times.launched(time.monotonic() + 5.0)
+    summary = times.summary()
+    assert times.steps == 2 and times.between_steps == 1
+    assert 14.9 < 1000 * times.in_workers_s / 2 < 16.0 and times.executing_s == pytest.approx(0.010)
+    assert 1.9 < 1000 * times.between_s < 2.5
+    assert summary.startswith("2 steps: 15.") and "(5.00 ms executing)" in summary and " ms here before" in summary
