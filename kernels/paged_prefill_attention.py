@@ -16,6 +16,7 @@ causal mask, so they run in a separate loop without it.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -184,21 +185,34 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
     )
 
 
-def _launch_config(
-    head_dim: int, max_query_len: int, dtype: torch.dtype, interpreted: bool
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+class LaunchConfig(NamedTuple):
+    """Tile sizes and schedule of one launch (``bench.prefill_sweep`` compares them)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _launch_config(head_dim: int, max_query_len: int, dtype: torch.dtype, interpreted: bool) -> LaunchConfig:
+    """The configuration a launch with this longest query uses."""
     if interpreted:
         # The interpreter runs every tile op in numpy: small tiles keep tests fast.
-        return 16, 16, 1, 1
+        return LaunchConfig(16, 16, 1, 1)
     # Short queries (chunked prefill tails, decode rows of mixed batches) would waste
     # most rows of a 128-row tile, so the tile shrinks with the longest query.
     block_m = min(128, max(16, triton.next_power_of_2(max_query_len)))
     if head_dim > 128 or dtype == torch.float32:
         # Wider rows or 4-byte elements: smaller tiles stay within shared memory.
-        return min(block_m, 64), 32, 4, 2
+        return LaunchConfig(min(block_m, 64), 32, 4, 2)
+    if head_dim > 64:
+        # 64-row tiles with 4 warps: 1.11-1.22x faster than 128-row tiles with 8 warps at head
+        # dim 128 in bf16 on an H200, on a 1,808-token chunk, one 4,096-token prompt and 8
+        # chunks of 512 over 2,048 cached tokens (bench.prefill_sweep; at head dim 64 no
+        # configuration won on every case).
+        return LaunchConfig(min(block_m, 64), 64, 4, 2)
     # 4 warps on a 128-row tile need over 200 registers a thread (compiled for sm_90).
-    return block_m, 64, 8 if block_m == 128 else 4, 2
+    return LaunchConfig(block_m, 64, 8 if block_m == 128 else 4, 2)
 
 
 def paged_prefill_attention(
@@ -211,6 +225,7 @@ def paged_prefill_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,  # (T, H, D)
     work: torch.Tensor | None = None,  # (2, G) int32
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:  # (T, H, D)
     """Causal attention of every new token over its sequence's paged context.
 
@@ -224,6 +239,9 @@ def paged_prefill_attention(
     :func:`fill_work_list` lays them out: the launch's size then depends on ``G``
     alone, which a CUDA graph of mixed steps needs, and sequences left out of the
     list (a mixed batch's decodes) are not touched.
+
+    ``config`` overrides the tile sizes chosen from ``max_query_len`` (benchmarks
+    only: a work list must be built with the ``block_m`` a launch uses).
     """
     check_shape("q", q, (None, None, None))
     num_tokens, num_heads, head_dim = q.shape
@@ -271,7 +289,7 @@ def paged_prefill_attention(
         return out
 
     interpreted = is_interpreted(_paged_prefill_kernel)
-    block_m, block_n, num_warps, num_stages = _launch_config(
+    block_m, block_n, num_warps, num_stages = config or _launch_config(
         head_dim, max_query_len, q.dtype, interpreted
     )
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -319,10 +337,15 @@ def paged_prefill_attention(
     return out
 
 
+def default_launch_config(head_dim: int, max_query_len: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration a launch with this ``max_query_len`` uses unless told otherwise."""
+    return _launch_config(head_dim, max_query_len, dtype, is_interpreted(_paged_prefill_kernel))
+
+
 def prefill_block_m(head_dim: int, max_query_len: int, dtype: torch.dtype) -> int:
     """Query rows per program of a launch with this ``max_query_len``: the block size
     a work list for it must be built with."""
-    return _launch_config(head_dim, max_query_len, dtype, is_interpreted(_paged_prefill_kernel))[0]
+    return default_launch_config(head_dim, max_query_len, dtype).block_m
 
 
 def work_list_size(num_tokens: int, num_seqs: int, block_m: int) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernels.paged_prefill_attention import (
+    LaunchConfig,
     fill_work_list,
     paged_prefill_attention,
     paged_prefill_attention_ref,
@@ -408,3 +409,14 @@ def test_gpu_backend_static_layout(paged_batch, assert_close, device, seed):
     out = TritonAttentionBackend(32, 8, 128, batch.scale).forward(q, k, v, batch.kv_cache, meta)
     assert torch.equal(batch.kv_cache, expected_cache)
     assert_close(out, expected, 1e-2)
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 1, 1), LaunchConfig(16, 32, 1, 1)])
+def test_explicit_launch_config_matches_reference(paged_batch, assert_close, config):
+    """Tile sizes other than the launcher's choice (what bench.prefill_sweep times) compute
+    the same attention."""
+    batch = paged_batch(query_lens=[37, 5], prefix_lens=[10, 21], num_heads=4, num_kv_heads=2, head_dim=32,
+                        block_size=16, dtype=torch.float32, seed=60)
+    out = paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                  batch.scale, batch.max_query_len, config=config)
+    assert_close(out, _ref(batch), 1e-4)
