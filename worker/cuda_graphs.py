@@ -46,8 +46,10 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -79,6 +81,96 @@ def bucket_for(num_seqs: int, buckets: Sequence[int]) -> int | None:
     """The smallest of the sorted ``buckets`` that holds ``num_seqs`` rows; None above the largest."""
     i = bisect.bisect_left(buckets, num_seqs)
     return buckets[i] if i < len(buckets) else None
+
+
+class _Padded(Protocol):
+    @property
+    def bucket(self) -> int: ...
+
+
+BatchT = TypeVar("BatchT", bound=_Padded)
+
+
+class _GraphSet(ABC, Generic[BatchT]):
+    """One captured graph per bucket over static input buffers: what decode and mixed
+    steps share. A subclass sizes its buffers, copies a batch into them (``_load``) and
+    runs the model over them (``_forward``)."""
+
+    kind: str  # "decode steps" or "mixed steps", for the logs
+
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], buckets: Sequence[int]) -> None:
+        if not buckets:
+            raise ValueError(f"no sizes of {self.kind} to capture")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buckets = sorted(set(buckets))
+        self.device = kv_caches[0].device
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    @property
+    def largest(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    @abstractmethod
+    def _forward(self, bucket: int) -> torch.Tensor:  # (bucket, hidden)
+        """The model over the static buffers' first ``bucket`` rows."""
+
+    @abstractmethod
+    def _load(self, batch: BatchT) -> None:
+        """Copy ``batch`` into the static buffers, queued on the current stream."""
+
+    @abstractmethod
+    def _describe_sizes(self) -> str:
+        """The captured sizes, for the log line."""
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
+        started = last_log = time.monotonic()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        stream = torch.cuda.Stream(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for i, bucket in enumerate(reversed(self.buckets)):
+                # One eager run first: it compiles this shape's Triton variants and sets
+                # up cuBLAS, neither of which may happen during a capture.
+                self._forward(bucket)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._outputs[bucket] = self._forward(bucket)
+                self._graphs[bucket] = graph
+                now = time.monotonic()
+                if now - last_log >= _PROGRESS_SECONDS:
+                    log.info("capturing CUDA graphs of %s: %d/%d sizes, %.1f s",
+                             self.kind, i + 1, len(self.buckets), now - started)
+                    last_log = now
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("captured %d CUDA graphs of %s (%s) in %.1f s, using %.0f MiB", len(self.buckets), self.kind,
+                 self._describe_sizes(), time.monotonic() - started, used / (1 << 20))
+
+    def replay(self, batch: BatchT) -> torch.Tensor:  # (bucket, hidden), valid until the next replay
+        """Run ``batch`` through its bucket's graph; rows past its real ones are padding."""
+        self._load(batch)
+        self._graphs[batch.bucket].replay()
+        self.num_replays += 1
+        return self._outputs[batch.bucket]
+
+    @torch.inference_mode()
+    def run_eager(self, batch: BatchT) -> torch.Tensor:  # (bucket, hidden)
+        """The same padded computation without a graph: the graph's reference."""
+        self._load(batch)
+        return self._forward(batch.bucket)
 
 
 @dataclass
@@ -121,7 +213,7 @@ def pad_decode_batch(
     return PaddedDecode(token_data, lens, tables, n)
 
 
-class DecodeGraphs:
+class DecodeGraphs(_GraphSet[PaddedDecode]):
     """Static decode inputs and one captured graph per bucket.
 
     ``max_seq_len`` bounds every sequence it will see (it sizes the block-table
@@ -129,6 +221,8 @@ class DecodeGraphs:
     docstring). On a CPU (no ``capture``) it still runs the padded batch
     eagerly, which is how the padding is tested without a GPU.
     """
+
+    kind = "decode steps"
 
     def __init__(
         self,
@@ -139,14 +233,9 @@ class DecodeGraphs:
         block_size: int,
         buckets: Sequence[int] = DECODE_BUCKETS,
     ) -> None:
-        if not buckets:
-            raise ValueError("no decode batch sizes to capture")
-        self.model = model
-        self.kv_caches = kv_caches
+        super().__init__(model, kv_caches, buckets)
         self.max_seq_len = max_seq_len
-        self.buckets = sorted(set(buckets))
-        self.device = kv_caches[0].device
-        largest = self.buckets[-1]
+        largest = self.largest
         width = -(-max_seq_len // block_size)
         dev = self.device
         self.token_data = torch.zeros((3, largest), dtype=torch.int64, device=dev)
@@ -155,17 +244,6 @@ class DecodeGraphs:
         self.block_tables = torch.full((largest, width), PAD_BLOCK, dtype=torch.int32, device=dev)
         # Every row is one token, padding included, so this never changes.
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self.num_replays = 0
-
-    @property
-    def largest(self) -> int:
-        return self.buckets[-1]
-
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.buckets)
@@ -190,7 +268,6 @@ class DecodeGraphs:
         )
 
     def _load(self, batch: PaddedDecode) -> None:
-        """Copy ``batch`` into the static buffers, queued on the current stream."""
         bucket, width = batch.bucket, int(batch.block_tables.shape[1])
         if width > self.block_tables.shape[1]:
             raise ValueError(
@@ -202,54 +279,8 @@ class DecodeGraphs:
         # Columns past ``width`` keep stale ids; no sequence is long enough to read them.
         self.block_tables[:bucket, :width].copy_(batch.block_tables, non_blocking=True)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture one graph per bucket, largest first, all in one memory pool."""
-        if self.device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
-        started = last_log = time.monotonic()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        stream = torch.cuda.Stream(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for i, bucket in enumerate(reversed(self.buckets)):
-                # One eager run first: it compiles this shape's Triton variants and sets
-                # up cuBLAS, neither of which may happen during a capture.
-                self._forward(bucket)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._outputs[bucket] = self._forward(bucket)
-                self._graphs[bucket] = graph
-                now = time.monotonic()
-                if now - last_log >= _PROGRESS_SECONDS:
-                    log.info("capturing CUDA graphs: %d/%d batch sizes, %.1f s",
-                             i + 1, len(self.buckets), now - started)
-                    last_log = now
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        log.info(
-            "captured %d CUDA graphs of decode steps (batch sizes %d to %d) in %.1f s, using %.0f MiB",
-            len(self.buckets),
-            self.buckets[0],
-            self.largest,
-            time.monotonic() - started,
-            used / (1 << 20),
-        )
-
-    def replay(self, batch: PaddedDecode) -> torch.Tensor:  # (bucket, hidden), valid until the next replay
-        """Run ``batch`` through its bucket's graph; rows past ``batch.num_seqs`` are padding."""
-        self._load(batch)
-        self._graphs[batch.bucket].replay()
-        self.num_replays += 1
-        return self._outputs[batch.bucket]
-
-    @torch.inference_mode()
-    def run_eager(self, batch: PaddedDecode) -> torch.Tensor:  # (bucket, hidden)
-        """The same padded computation without a graph: the graph's reference."""
-        self._load(batch)
-        return self._forward(batch.bucket)
+    def _describe_sizes(self) -> str:
+        return f"batch sizes {self.buckets[0]} to {self.largest}"
 
 
 def mixed_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -280,7 +311,7 @@ class PaddedStep:
         return int(self.token_data.shape[1])
 
 
-class MixedGraphs:
+class MixedGraphs(_GraphSet[PaddedStep]):
     """Static inputs and one captured graph per token bucket, for any batch of at
     most ``max_seqs`` sequences (see the module docstring).
 
@@ -291,6 +322,8 @@ class MixedGraphs:
     boundary. Each bucket's graph uses a prefix of the decode lengths and of the
     work list, sized by ``layout``.
     """
+
+    kind = "mixed steps"
 
     def __init__(
         self,
@@ -305,15 +338,11 @@ class MixedGraphs:
         # Imported here: triton is an optional dependency that only GPU hosts need.
         from kernels.paged_prefill_attention import fill_work_list, prefill_block_m, work_list_size
 
-        if not buckets:
-            raise ValueError("no token counts to capture")
+        super().__init__(model, kv_caches, buckets)
         self._fill_work_list = fill_work_list
-        self.model = model
-        self.kv_caches = kv_caches
         self.max_seq_len = max_seq_len
         self.max_seqs = max_seqs
-        self.buckets = sorted(set(buckets))
-        self.device = dev = kv_caches[0].device
+        dev = self.device
         head_dim, dtype = model.config.head_dim, kv_caches[0].dtype
         # bucket -> (decode rows D, query rows per work item, work list size G)
         self.layout: dict[int, tuple[int, int, int]] = {}
@@ -324,23 +353,11 @@ class MixedGraphs:
         self.seq_lens_at = _align4(max_seqs + 1)
         self.decode_at = self.seq_lens_at + _align4(max_seqs)
         self.work_at = self.decode_at + _align4(max_seqs)
-        largest = self.buckets[-1]
-        self.token_data = torch.zeros((3, largest), dtype=torch.int64, device=dev)
+        self.token_data = torch.zeros((3, self.largest), dtype=torch.int64, device=dev)
         self.token_data[2].fill_(PAD_SLOT)
         self.index = torch.zeros(self.work_at + 2 * self.work_size, dtype=torch.int32, device=dev)
         self.index[self.work_at :].fill_(-1)
         self.block_tables = torch.zeros((max_seqs, -(-max_seq_len // block_size)), dtype=torch.int32, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self.num_replays = 0
-
-    @property
-    def largest(self) -> int:
-        return self.buckets[-1]
-
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
 
     def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
         """The bucket of a batch, None when it has too many tokens or sequences."""
@@ -418,7 +435,6 @@ class MixedGraphs:
         )
 
     def _load(self, step: PaddedStep) -> None:
-        """Copy ``step`` into the static buffers, queued on the current stream."""
         num_seqs, width = step.block_tables.shape
         if width > self.block_tables.shape[1]:
             raise ValueError(
@@ -430,50 +446,5 @@ class MixedGraphs:
         # Rows and columns past the batch keep stale ids that no launch reads.
         self.block_tables[:num_seqs, :width].copy_(step.block_tables, non_blocking=True)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture one graph per bucket, largest first, all in one memory pool."""
-        if self.device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
-        started = last_log = time.monotonic()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        stream = torch.cuda.Stream(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for i, bucket in enumerate(reversed(self.buckets)):
-                self._forward(bucket)  # builds this shape's kernels outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self._outputs[bucket] = self._forward(bucket)
-                self._graphs[bucket] = graph
-                now = time.monotonic()
-                if now - last_log >= _PROGRESS_SECONDS:
-                    log.info("capturing CUDA graphs of mixed steps: %d/%d token counts, %.1f s",
-                             i + 1, len(self.buckets), now - started)
-                    last_log = now
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        log.info(
-            "captured %d CUDA graphs of mixed steps (%d to %d tokens, up to %d sequences) in %.1f s, using %.0f MiB",
-            len(self.buckets),
-            self.buckets[0],
-            self.largest,
-            self.max_seqs,
-            time.monotonic() - started,
-            used / (1 << 20),
-        )
-
-    def replay(self, step: PaddedStep) -> torch.Tensor:  # (bucket, hidden), valid until the next replay
-        self._load(step)
-        self._graphs[step.bucket].replay()
-        self.num_replays += 1
-        return self._outputs[step.bucket]
-
-    @torch.inference_mode()
-    def run_eager(self, step: PaddedStep) -> torch.Tensor:  # (bucket, hidden)
-        """The same launches without a graph: the graph's reference, and how the
-        layout is tested on the CPU (Triton kernels under the interpreter)."""
-        self._load(step)
-        return self._forward(step.bucket)
+    def _describe_sizes(self) -> str:
+        return f"{self.buckets[0]} to {self.largest} tokens, up to {self.max_seqs} sequences"
