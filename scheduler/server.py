@@ -7,12 +7,14 @@
 
 One plan is in flight at a time. Gateway messages that arrive while a step
 runs are applied after its result, so the scheduler's state only changes
-between steps. A result is followed at once by the next plan; its outputs go to
-the gateways after that, while the workers compute. The worker group is watched three ways: a socket monitor sees a
-rank's connection drop (process death), a ``WorkerFailure`` reports an
-exception, and a step that outlives ``step_timeout_s`` counts as a hang. Any of
-them fails every in-flight request at once and marks the group down until all
-ranks register again.
+between steps. A result is followed at once by the next plan; its outputs go
+to the gateways after that, while the workers compute.
+
+The worker group is watched three ways: a socket monitor sees a rank's
+connection drop (process death), a ``WorkerFailure`` reports an exception, and
+a step that outlives ``step_timeout_s`` counts as a hang. Any of them fails
+every in-flight request at once and marks the group down until all ranks
+register again.
 """
 
 from __future__ import annotations
