@@ -255,13 +255,12 @@ def _timed(fn: Callable[[], object], device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak_flops(settings: Settings) -> float:
-    """FLOP/s of one big square matrix product in the benchmark's dtype."""
-    n = settings.matmul_size
-    a = torch.randn(n, n, dtype=settings.dtype, device=settings.device)
-    b = torch.randn(n, n, dtype=settings.dtype, device=settings.device)
-    out = torch.empty(n, n, dtype=settings.dtype, device=settings.device)
-    return 2.0 * n**3 / _timed(lambda: torch.matmul(a, b, out=out), settings.device, 10)
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of one ``n`` x ``n`` matrix product in ``dtype``."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    return 2.0 * n**3 / _timed(lambda: torch.matmul(a, b, out=out), device, 10)
 
 
 def copy_bandwidth(settings: Settings) -> float:
@@ -922,7 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     progress(f"device {device_name}; measuring the matmul peak and the copy bandwidth")
-    peak = matmul_peak_flops(settings)
+    peak = matmul_peak_flops(settings.device, settings.dtype, settings.matmul_size)
     copy_bw = copy_bandwidth(settings)
     dtype = str(settings.dtype).removeprefix("torch.")
     progress(f"{dtype} matmul {settings.matmul_size}^3: {peak / 1e12:.1f} TFLOP/s; "

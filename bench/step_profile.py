@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from bench import gpu_engine
-from bench.ablation import ShapeCosts
+from bench.ablation import ShapeCosts, matmul_peak_flops
 from bench.serving import _git_state
 from shared.config import WorkerConfig
 from worker.attention.base import AttentionMetadata
@@ -222,19 +222,6 @@ def median_wall_s(fn: Callable[[], object], device: torch.device, repeats: int) 
     return statistics.median(times)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
-    """FLOP/s of one large square matrix product (as bench.ablation measures it)."""
-    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    out = torch.empty(n, n, dtype=dtype, device=device)
-
-    def product() -> None:
-        torch.matmul(a, b, out=out)
-        _sync(device)
-
-    product()
-    return 2.0 * n**3 / median_wall_s(product, device, 10)
-
-
 def kernel_times_us(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
     """GPU time (µs) per kernel name of one call of ``fn``; empty without CUDA."""
     if device.type != "cuda":
@@ -326,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
     if device.type == "cuda":
-        peak, copy_bw = matmul_peak_flops(device, dtype), gpu_engine.copy_bandwidth(device)
+        peak, copy_bw = matmul_peak_flops("cuda", dtype, 8192), gpu_engine.copy_bandwidth(device)
     else:
         peak, copy_bw = 1e12, 1e10  # nominal: the smoke run measures nothing
     result: dict[str, Any] = {
