@@ -86,7 +86,7 @@ from bench import gpu_engine
 from bench.scheduler_cost import ProcessGroup
 from bench.serving import BenchConfig, RequestOutcome, _git_state, compute_metrics, run_benchmark
 from bench.workloads import BenchRequest, Workload, rag_workload
-from shared.config import SchedulerConfig, WorkerConfig
+from shared.config import SchedulerConfig, WorkerConfig, parse_bool
 from shared.dummy_shapes import DUMMY_SHAPES
 from worker.model_config import ModelConfig
 
@@ -131,6 +131,7 @@ class Settings:
     max_output_len: dict[str, int]  # per row
     max_num_seqs: dict[str, int]  # per row
     cuda_graph_max_tokens: int | None  # loomserve's; None: its default
+    async_scheduling: bool  # loomserve's
     max_num_batched_tokens: int
     gpu_hour_usd: float
     time_budget_s: float
@@ -186,6 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
                              "(default: %(default)s)")
     parser.add_argument("--cuda-graph-max-tokens", type=int, default=None,
                         help="loomserve's --cuda-graph-max-tokens (default: loomserve's default)")
+    parser.add_argument("--async-scheduling", type=parse_bool, default=SchedulerConfig().async_scheduling,
+                        metavar="BOOL", help="loomserve's --async-scheduling (default: %(default)s)")
     parser.add_argument("--gpu-hour-usd", type=float, default=2.50,
                         help="price of one GPU-hour for the cost column (default: %(default)s, an H100 on demand)")
     parser.add_argument("--time-budget-s", type=float, default=None,
@@ -208,6 +211,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             max_output_len=parse_per_row(args.max_output_len, 24 if smoke else 512, "--max-output-len"),
             max_num_seqs=parse_per_row(args.max_num_seqs, 4 if smoke else 32, "--max-num-seqs"),
             cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+            async_scheduling=args.async_scheduling,
             max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_hour_usd=args.gpu_hour_usd,
             time_budget_s=args.time_budget_s or (170.0 if smoke else 500.0),
@@ -635,7 +639,7 @@ def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
             "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(ctx.max_num_seqs),
             "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
             "--max-num-batched-tokens", str(s.max_num_batched_tokens),
-            "--tp", str(s.tp)]
+            "--async-scheduling", str(s.async_scheduling).lower(), "--tp", str(s.tp)]
     if s.device == "cpu":
         argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
     if s.cuda_graph_max_tokens is not None:
@@ -720,20 +724,21 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
                                  kv_cache_gb=s.kv_cache_gb, seed=s.seed)
     if s.cuda_graph_max_tokens is not None:
         worker_config = dataclasses.replace(worker_config, cuda_graph_max_tokens=s.cuda_graph_max_tokens)
-    engine = LocalEngine(SchedulerConfig(), worker_config, ctx.shape)
+    engine = LocalEngine(SchedulerConfig(async_scheduling=s.async_scheduling), worker_config, ctx.shape)
     run.details["startup_s"] = time.perf_counter() - begin
     run.details["num_kv_blocks"] = engine.runner.num_blocks
     rng = np.random.default_rng(0)
     warm = [(gpu_engine.random_prompt(rng, n), 8 + 4 * i) for i, n in enumerate(gpu_engine.WARMUP_PROMPTS)
             if n + 64 <= s.max_model_len]
     begin = time.perf_counter()
-    gpu_engine.run_workload(engine, warm, SchedulerConfig(max_num_seqs=gpu_engine.WARMUP_MAX_SEQS), True)
+    gpu_engine.run_workload(engine, warm, SchedulerConfig(max_num_seqs=gpu_engine.WARMUP_MAX_SEQS,
+                                                          async_scheduling=s.async_scheduling), True)
     run.details["warmup_s"] = time.perf_counter() - begin
-    batch1 = gpu_engine.batch1_decode(engine, True, copy_bw)
+    batch1 = gpu_engine.batch1_decode(engine, True, copy_bw, async_scheduling=s.async_scheduling)
     run.batch1_median_step_ms = batch1["median_step_ms"]
     run.details["batch1_decode"] = batch1
     config = SchedulerConfig(max_num_seqs=ctx.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-                             batching="continuous")
+                             batching="continuous", async_scheduling=s.async_scheduling)
     with GpuSampler() as gpu:
         stats = gpu_engine.run_workload(engine, ctx.requests, config, True)
     run.gpu = gpu.summary()

@@ -260,7 +260,8 @@ class EchoWorkerServer:
             if isinstance(msg, m.Shutdown):
                 log.info("shutdown requested by the scheduler")
                 return
-            self._step(msg)
+            if isinstance(msg, m.BatchPlan):  # a Flush asks for nothing: every plan is answered at once
+                self._step(msg)
 
     def _step(self, plan: m.BatchPlan) -> None:
         started = time.perf_counter()

@@ -53,12 +53,10 @@ import torch
 import triton
 
 from bench.workloads import rag_workload
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.scheduler import Scheduler
 from shared.config import SchedulerConfig, WorkerConfig
-from shared.messages import BatchPlan, SamplingParams, StepResult
+from shared.messages import SamplingParams, StepResult
 from worker.local_engine import LocalEngine
-from worker.model_runner import ModelRunner
+from worker.model_runner import LaunchedStep, ModelRunner
 from worker.models.llama import kv_cache_bytes_per_block
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
@@ -108,14 +106,6 @@ def weight_bytes_per_step(runner: ModelRunner) -> int:
     return total
 
 
-def fresh_scheduler(engine: LocalEngine, config: SchedulerConfig) -> None:
-    """A new scheduler over the engine's runner: empty queue, every KV block free."""
-    runner = engine.runner
-    runner.reset()
-    kv = KVCacheManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
-    engine.scheduler = Scheduler(config, kv, runner.max_model_len)
-
-
 def forced(num_tokens: int) -> SamplingParams:
     """Greedy, no stop tokens: exactly ``num_tokens`` outputs."""
     return SamplingParams(max_tokens=num_tokens, temperature=0.0)
@@ -126,41 +116,42 @@ def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
 
 
 class ExecuteTimes:
-    """Wraps ``runner.execute`` to collect each step's ``forward_ms``: the runner's share
-    of a step (inputs, forward, sampling, reading the tokens), the scheduler's excluded."""
+    """Wraps ``runner.finalize`` to collect each step's ``forward_ms``: the runner's share
+    of a step from its launch to its tokens read (inputs, forward, sampling; with
+    asynchronous scheduling, overlapping the step before), the scheduler's excluded."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.execute = runner.execute
+        self.finalize = runner.finalize
         self.forward_ms: list[float] = []
 
     def __enter__(self) -> ExecuteTimes:
-        def timed(plan: BatchPlan) -> StepResult:
-            result = self.execute(plan)
+        def timed(step: LaunchedStep) -> StepResult:
+            result = self.finalize(step)
             self.forward_ms.append(result.forward_ms)
             return result
 
-        self.runner.execute = timed  # type: ignore[method-assign]
+        self.runner.finalize = timed  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.runner.execute = self.execute  # type: ignore[method-assign]
+        self.runner.finalize = self.finalize  # type: ignore[method-assign]
 
 
 def batch1_decode(
-    engine: LocalEngine, graphs: bool, copy_bw: float, profile_out: Path | None = None
+    engine: LocalEngine, graphs: bool, copy_bw: float, profile_out: Path | None = None, async_scheduling: bool = True
 ) -> dict[str, float]:
     """One request decoding alone; with ``profile_out``, a cProfile report of its steps is
     written there (and the times are not representative)."""
     runner = engine.runner
     runner.use_cuda_graphs = graphs
-    fresh_scheduler(engine, SchedulerConfig())
+    engine.reset(SchedulerConfig(async_scheduling=async_scheduling))
     engine.add_request("b1", random_prompt(np.random.default_rng(1), BATCH1_PROMPT), forced(BATCH1_TOKENS))
     engine.step()  # the prefill, which samples the first token
     step_times = []
     profiler = cProfile.Profile() if profile_out is not None else None
     with ExecuteTimes(runner) as execute_times:
-        while engine.scheduler.has_work():
+        while engine.has_work():
             begin = time.perf_counter()
             if profiler is not None:
                 profiler.enable()
@@ -214,7 +205,7 @@ def run_workload(
     """Queue every request at once and step until all are done."""
     runner = engine.runner
     runner.use_cuda_graphs = graphs
-    fresh_scheduler(engine, config)
+    engine.reset(config)
     replays_before = graph_replays(runner)
     begin = time.perf_counter()
     for i, (prompt, output_len) in enumerate(requests):
@@ -224,7 +215,7 @@ def run_workload(
     output_tokens = 0
     graph_time = 0.0
     step_start = time.perf_counter()
-    while engine.scheduler.has_work():
+    while engine.has_work():
         replays = graph_replays(runner)
         outputs = engine.step()
         step_end = time.perf_counter()

@@ -480,7 +480,7 @@ class _InProcessEngine:
         result = m.worker_to_scheduler.decode(result_frame)
         assert isinstance(result, m.StepResult)
         t4 = clock()
-        outputs = self.scheduler.update_from_output(plan, result)
+        outputs = self.scheduler.update_from_output(result)
         t5 = clock()
         self.encoder.encode(m.RequestOutputs(outputs))
         t6 = clock()

@@ -19,8 +19,11 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence being generated.
 
-    ``token_ids`` is the prompt followed by every output token so far; the first
-    ``num_computed_tokens`` of them have their keys and values in the KV cache.
+    ``token_ids`` is the prompt followed by every output token received so far;
+    ``num_pending`` more are being sampled by plans in flight (asynchronous
+    scheduling). ``num_computed_tokens`` counts the tokens whose keys and values
+    are in the KV cache once the plans sent so far have run: it advances when a
+    plan is made, and may count pending tokens.
     ``block_hashes`` holds the hash of each *full* block of ``token_ids``, filled
     in by the KV cache manager as blocks fill up (prefix caching).
     """
@@ -38,6 +41,7 @@ class Request:
     parent: Request | None = None
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

@@ -14,9 +14,17 @@ a KV block and none is free, the policy's victim is preempted: its blocks are
 freed and it goes back to the waiting queue, to be recomputed later (reusing
 what the prefix cache still holds).
 
-The scheduler is synchronous with its workers: ``schedule()`` produces one
-``BatchPlan``, the worker group runs it, ``update_from_output()`` applies the
-``StepResult``. Progress (``num_computed_tokens``) advances only there.
+``schedule()`` produces one ``BatchPlan`` and advances the scheduled requests'
+``num_computed_tokens`` at once; a request that gets a token sampled counts it
+in ``num_pending`` until ``update_from_output()`` applies the worker group's
+``StepResult`` and appends it. So the next plan can be made before this one's
+result is back (asynchronous scheduling, ``SchedulerConfig.async_scheduling``):
+a decode then continues from a token only the workers know yet. What that
+costs: a request that samples a stop token has computed one token more, whose
+result is dropped; one whose pending tokens reach ``max_tokens`` is not
+scheduled again; a request preempted with tokens in flight waits for them
+before it is re-admitted; and a request id whose tokens are still in flight
+after it ended is not taken again until they are back.
 
 Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once::
 
@@ -123,12 +131,15 @@ class Scheduler:
         self._children: dict[str, list[Request]] = {}
         self._num_reserved_seqs = 0
         self._block_copies: list[tuple[int, int]] = []
+        # Ended requests with tokens still in flight: how many (their results are dropped).
+        self._draining: dict[str, int] = {}
 
     # -- admission and abort -------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         """Queue ``request``, or raise AdmissionError if it can never run."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or (self._draining and any(
+                i in self._draining for i in choice_request_ids(request.request_id, request.n))):
             raise AdmissionError(ErrorInfo(400, f"request id {request.request_id!r} is already in use"))
         if CHOICE_SEPARATOR in request.request_id:
             raise AdmissionError(ErrorInfo(
@@ -223,6 +234,7 @@ class Scheduler:
                         for i in choice_request_ids(request.request_id, request.n)]
         self._known_to_worker.clear()
         self._finished_since_plan.clear()
+        self._draining.clear()
         self._needs_full_data.clear()
         self._unsent_blocks.clear()
         self._block_copies.clear()
@@ -253,13 +265,16 @@ class Scheduler:
         # running sequence per step: it is kept to a few attribute reads per decode.
         prefilling = []
         for request in self.running[:]:  # a copy: preemption removes from self.running
-            if len(request.token_ids) - request.num_computed_tokens != 1:
+            pending = request.num_pending
+            if len(request.token_ids) + pending - request.num_computed_tokens != 1:
                 prefilling.append(request)
                 continue
             if budget == 0:
                 break
             if request.status is not running:
                 continue  # preempted earlier in this loop
+            if pending and len(request.token_ids) + pending >= request.max_num_tokens:
+                continue  # its last token is in flight
             blocks = kv_cache.allocate_slots(request, 1)
             if blocks is None:
                 blocks = self._allocate_or_preempt(request, 1, scheduled)
@@ -275,7 +290,7 @@ class Scheduler:
                 break
             if request.status is not running:
                 continue
-            num_left = len(request.token_ids) - request.num_computed_tokens
+            num_left = len(request.token_ids) + request.num_pending - request.num_computed_tokens
             if request.n > 1:
                 num_left -= 1  # a parent stops one token short: each choice computes the last one
             num_new = min(num_left, budget)
@@ -298,6 +313,8 @@ class Scheduler:
             head = self.waiting.peek()
             if head is None or len(self.running) + self._num_reserved_seqs + head.n > max_num_seqs:
                 break
+            if head.num_pending:
+                break  # preempted with tokens in flight: it resumes once they are back
             computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
             num_left = head.num_tokens - num_computed - (1 if head.n > 1 else 0)
             num_new = min(num_left, budget)
@@ -336,6 +353,7 @@ class Scheduler:
                 unsent[rid] = []
             else:
                 blocks = []  # not the list in unsent: later blocks are appended to that one
+            computed = request.num_computed_tokens
             if rid in needs_full_data:
                 needs_full_data.discard(rid)
                 self._known_to_worker.add(rid)
@@ -344,11 +362,16 @@ class Scheduler:
                     token_ids=list(request.token_ids),
                     sampling=request.sampling,
                     block_ids=blocks,
-                    num_computed_tokens=request.num_computed_tokens,
+                    num_computed_tokens=computed,
                     traceparent=request.traceparent,
                 ))
             else:
-                cached_requests.append(CachedRequestData(rid, blocks, request.num_computed_tokens))
+                cached_requests.append(CachedRequestData(rid, blocks, computed))
+            # Progress counts from now: the next plan may come before this one's result.
+            computed += scheduled[rid]
+            request.num_computed_tokens = computed
+            if computed == len(request.token_ids) + request.num_pending and request.n == 1:
+                request.num_pending += 1  # all its tokens computed: the worker samples one
         self._step_id += 1
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
@@ -362,6 +385,7 @@ class Scheduler:
             num_scheduled_tokens=scheduled,
             finished_request_ids=self._finished_since_plan,
             block_copies=self._block_copies,
+            lookahead=self.config.async_scheduling,
         )
         self._finished_since_plan = []
         if self._block_copies:
@@ -469,21 +493,25 @@ class Scheduler:
         self.waiting.push(request)
         log.debug("preempted %s after %d tokens", request.request_id, request.num_tokens)
 
-    def update_from_output(self, plan: BatchPlan, result: StepResult) -> list[RequestOutput]:
-        """Advance the scheduled requests by the worker's result; return what the clients see."""
+    def update_from_output(self, result: StepResult) -> list[RequestOutput]:
+        """Append the tokens of a plan's result (plans are answered in order); return what
+        the clients see. A request preempted since the plan still takes its token."""
         requests = self.requests
-        running = RequestStatus.RUNNING
-        for request_id, num_new in plan.num_scheduled_tokens.items():
-            request = requests.get(request_id)
-            if request is not None and request.status is running:  # else it ended (abort) meanwhile
-                request.num_computed_tokens += num_new
+        draining = self._draining
         outputs = []
         logprobs: list[list[TokenLogprobs] | None] = result.logprobs or [None] * len(result.request_ids)
         for request_id, token_ids, token_logprobs in zip(
             result.request_ids, result.sampled_token_ids, logprobs, strict=True
         ):
             request = requests.get(request_id)
-            if request is None or request.status is not running or not token_ids:
+            if request is None:  # it ended (stop, abort) while this token was in flight
+                if draining:
+                    left = draining.pop(request_id, 0) - 1
+                    if left > 0:
+                        draining[request_id] = left
+                continue
+            request.num_pending -= 1
+            if not token_ids:
                 continue
             cached = 0
             if request.first_token_ns is None:
@@ -544,6 +572,8 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request_id]
+        if request.num_pending:
+            self._draining[request_id] = request.num_pending
         self.stats.num_finished += 1
         if request_id in self._known_to_worker:
             self._known_to_worker.discard(request_id)
@@ -568,5 +598,6 @@ class Scheduler:
             and not self._parents
             and not self._children
             and self._num_reserved_seqs == 0
+            and not self._draining
             and self.kv_cache.num_used_blocks == 0
         )

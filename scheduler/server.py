@@ -3,12 +3,16 @@
     gateways --AddRequest/Abort/StatusQuery--> [ROUTER gateway_address]
     gateways <--RequestOutputs/SchedulerStatus--
     workers  --WorkerReady/StepResult/WorkerFailure--> [ROUTER worker_address]
-    workers  <--BatchPlan/Shutdown--
+    workers  <--BatchPlan/Flush/Shutdown--
 
-One plan is in flight at a time. Gateway messages that arrive while a step
-runs are applied after its result, so the scheduler's state only changes
-between steps. A result is followed at once by the next plan; its outputs go
-to the gateways after that, while the workers compute.
+With asynchronous scheduling (the default) two plans are in flight: while the
+workers compute step K+1, the result of step K comes back and the plan of step
+K+2 goes out, so the GPU never waits for this process or the sockets. When
+there is nothing to schedule, a ``Flush`` tells the workers to answer the plan
+they hold. Without it, one plan is in flight at a time. Gateway messages that
+arrive while plans are in flight are applied after the next result, so the
+scheduler's state only changes between results. A result is followed at once
+by the next plan; its outputs go to the gateways after that.
 
 The worker group is watched three ways: a socket monitor sees a rank's
 connection drop (process death), a ``WorkerFailure`` reports an exception, and
@@ -23,7 +27,7 @@ import gc
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import msgspec
@@ -56,21 +60,30 @@ _EXPIRY_INTERVAL_S = 0.1
 
 @dataclass
 class _StepTimes:
-    """Where a step's wall time went, summed over the steps since the last stats line: the
-    workers' share (plan sent to result received; ``forward_ms`` of that executing) and
-    this process's (a result received to the next plan sent)."""
+    """Where a step's wall time went, summed over the steps since the last stats line:
+    the time between consecutive results, the workers' ``forward_ms`` (a step's launch
+    to its tokens read, overlapping the step before with asynchronous scheduling) and
+    this process's share (a result received to the next plan sent)."""
 
     steps: int = 0
-    in_workers_s: float = 0.0
+    apart_s: float = 0.0
+    apart_steps: int = 0
     executing_s: float = 0.0
     between_s: float = 0.0
     between_steps: int = 0
     _result_at: float | None = None
+    _last_result: float | None = None
+    _chained = False  # the next step was in flight, or sent, when the last result came
 
-    def finished(self, sent: float, forward_ms: float) -> None:
-        self._result_at = time.monotonic()
+    def finished(self, now: float, forward_ms: float, in_flight: bool) -> None:
+        """A result came at ``now``; ``in_flight``: another plan is in flight."""
+        self._result_at = now
+        if self._chained and self._last_result is not None:
+            self.apart_s += now - self._last_result
+            self.apart_steps += 1
+        self._last_result = now
+        self._chained = in_flight
         self.steps += 1
-        self.in_workers_s += self._result_at - sent
         self.executing_s += forward_ms / 1000.0
 
     def launched(self, now: float) -> None:
@@ -78,6 +91,7 @@ class _StepTimes:
             self.between_s += now - self._result_at
             self.between_steps += 1
             self._result_at = None
+            self._chained = True
 
     def settled(self) -> None:
         """The result is handled; a plan launched later (after new requests) is not its next."""
@@ -86,8 +100,8 @@ class _StepTimes:
     def summary(self) -> str:
         if not self.steps:
             return "no steps"
-        return (f"{self.steps} steps: {1000 * self.in_workers_s / self.steps:.2f} ms each in the workers "
-                f"({1000 * self.executing_s / self.steps:.2f} ms executing), "
+        return (f"{self.steps} steps: one every {1000 * self.apart_s / max(1, self.apart_steps):.2f} ms "
+                f"({1000 * self.executing_s / self.steps:.2f} ms launch to tokens in the workers), "
                 f"{1000 * self.between_s / max(1, self.between_steps):.2f} ms here before the next plan")
 
 
@@ -112,7 +126,12 @@ class SchedulerServer:
         self._ready: dict[int, m.WorkerReady] = {}
         self._group_error: str | None = None
         self._owner: dict[str, bytes] = {}  # output id (request id, or a choice's) -> gateway routing id
-        self._in_flight: tuple[m.BatchPlan, float] | None = None
+        # Plans sent and not answered, oldest first, with when they were sent: at most
+        # two with asynchronous scheduling, else one.
+        self._in_flight: deque[tuple[m.BatchPlan, float]] = deque()
+        self._depth = 2 if config.async_scheduling else 1
+        # The workers hold the last lookahead plan's result until a plan or a Flush comes.
+        self._worker_holds = False
         self._deferred: list[tuple[bytes, m.AddRequest | m.AbortRequest]] = []
         self._pending: list[tuple[bytes, m.AddRequest]] = []  # before the workers are ready
         self._stopping = False
@@ -145,11 +164,11 @@ class SchedulerServer:
         poller.register(self._worker_sock, zmq.POLLIN)
         poller.register(self._worker_monitor, zmq.POLLIN)
         while not self._stopping:
-            if self._in_flight is None:
-                self._launch_step()
-            timeout_ms = 0 if self._can_step() else 200
-            if self._in_flight is not None:
-                remaining = self._in_flight[1] + self.config.step_timeout_s - time.monotonic()
+            self._launch_steps()
+            # State changes only with a message (or a queue deadline): nothing to do until one.
+            timeout_ms = 200
+            if self._in_flight:
+                remaining = self._in_flight[0][1] + self.config.step_timeout_s - time.monotonic()
                 if remaining <= 0:
                     self._group_down(f"a step took longer than {self.config.step_timeout_s:.0f} s")
                     continue
@@ -163,9 +182,6 @@ class SchedulerServer:
                 self._drain_gateways()
             self._expire_waiting()
             self._log_stats()
-
-    def _can_step(self) -> bool:
-        return self._in_flight is None and self.scheduler is not None and self.scheduler.has_work()
 
     # -- gateways ------------------------------------------------------------
 
@@ -187,7 +203,7 @@ class SchedulerServer:
                 self._send_gateway(routing_id, self._status(msg.nonce))
             elif isinstance(msg, m.ResetPrefixCache):
                 self._send_gateway(routing_id, self._reset_prefix_cache(msg.nonce))
-            elif self._in_flight is not None:
+            elif self._in_flight:
                 self._deferred.append((routing_id, msg))
             else:
                 self._apply(routing_id, msg)
@@ -195,7 +211,7 @@ class SchedulerServer:
     def _reset_prefix_cache(self, nonce: int) -> m.ControlReply:
         if self.scheduler is None:
             return m.ControlReply(nonce, False, "the worker group is not ready")
-        if self._in_flight is not None or not self.scheduler.kv_cache.reset_prefix_cache():
+        if self._in_flight or not self.scheduler.kv_cache.reset_prefix_cache():
             return m.ControlReply(nonce, False, "KV blocks are in use; retry when the engine is idle")
         log.info("prefix cache reset")
         return m.ControlReply(nonce, True)
@@ -340,18 +356,27 @@ class SchedulerServer:
         except zmq.ZMQError as e:
             log.warning("could not reach a worker: %s", e)
 
-    def _launch_step(self) -> None:
+    def _launch_steps(self) -> None:
+        """Send plans until ``_depth`` are in flight or nothing is left to schedule; in the
+        latter case a worker holding a lookahead plan is told to answer it."""
         if self.scheduler is None or self._group_error is not None:
             return
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return
-        payload = self._encoder.encode(plan)
+        while len(self._in_flight) < self._depth:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                if self._worker_holds:
+                    self._worker_holds = False
+                    self._broadcast(self._encoder.encode(m.Flush()))
+                return
+            self._broadcast(self._encoder.encode(plan))
+            self._worker_holds = plan.lookahead
+            now = time.monotonic()
+            self._in_flight.append((plan, now))
+            self._step_times.launched(now)
+
+    def _broadcast(self, payload: bytes) -> None:
         for routing_id in self._ranks.values():
             self._worker_sock.send_multipart([routing_id, payload], copy=False)
-        now = time.monotonic()
-        self._in_flight = (plan, now)
-        self._step_times.launched(now)
 
     def _drain_workers(self) -> None:
         while True:
@@ -405,21 +430,21 @@ class SchedulerServer:
             self._apply(gateway_id, add)
 
     def _on_step_result(self, result: m.StepResult) -> None:
-        if self._in_flight is None or self.scheduler is None:
+        if not self._in_flight or self.scheduler is None:
             return
-        plan, sent = self._in_flight
+        plan, _ = self._in_flight[0]
         if result.step_id != plan.step_id:
             log.warning("dropped a result for step %d while waiting for step %d", result.step_id, plan.step_id)
             return
-        self._in_flight = None
-        self._step_times.finished(sent, result.forward_ms)
-        outputs = self.scheduler.update_from_output(plan, result)
+        self._in_flight.popleft()
+        self._step_times.finished(time.monotonic(), result.forward_ms, in_flight=bool(self._in_flight))
+        outputs = self.scheduler.update_from_output(result)
         deferred, self._deferred = self._deferred, []
         for routing_id, msg in deferred:
             self._apply(routing_id, msg)
         # The next plan goes out before the outputs, so that the worker group computes
         # while this process encodes and sends them (and ends their traces).
-        self._launch_step()
+        self._launch_steps()
         self._step_times.settled()
         self._publish(outputs)
 
@@ -435,7 +460,8 @@ class SchedulerServer:
     def _group_down(self, reason: str) -> None:
         log.error("worker group down: %s; failing all in-flight requests", reason)
         self._group_error = reason
-        self._in_flight = None
+        self._in_flight.clear()
+        self._worker_holds = False
         self._ranks.clear()
         self._ready.clear()
         message = f"the worker group is down: {reason}"

@@ -39,6 +39,8 @@ class SchedulerConfig:
     queue_timeout_s: float | None = _opt(None, "fail a request still waiting after this long (default: never)")
     queue_full_retry_after_s: float = _opt(1.0, "Retry-After sent with a 503 for a full queue")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of earlier requests with the same prefix")
+    async_scheduling: bool = _opt(True, "make the next step's plan while the workers compute this one (its decodes "
+                                        "continue from tokens sampled on the GPU); false: one step at a time")
     tp: int = _opt(1, "tensor-parallel size: the ranks of the worker group the scheduler waits for")
     step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")
     otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
@@ -111,7 +113,7 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -134,12 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if any(flag in action.option_strings for action in parser._actions):
             continue  # shared by two configs (serve): one option feeds both
         tp = _base_type(hints[f.name])
-        converter = _parse_bool if tp is bool else tp
+        converter = parse_bool if tp is bool else tp
         env = os.environ.get(env_name(f.name))
         default = converter(env) if env is not None else f.default
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default}]"
         if tp is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default,
                                 metavar="BOOL", help=help_text)
         else:
             parser.add_argument(flag, type=converter, default=default, help=help_text,

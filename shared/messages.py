@@ -209,6 +209,11 @@ class BatchPlan(_Msg, frozen=True):
     lets the worker drop state of requests that ended since the last plan;
     ``block_copies`` are (src, dst) block copies done before the forward pass
     (copy-on-write of a shared partial block).
+
+    ``lookahead``: the scheduler may send the next plan before this one's result
+    (asynchronous scheduling). The worker then answers this plan only once the
+    next message arrives: after launching the next plan's forward pass, or at a
+    ``Flush``. Plans without it are answered as soon as their tokens are known.
     """
 
     step_id: int
@@ -217,13 +222,18 @@ class BatchPlan(_Msg, frozen=True):
     num_scheduled_tokens: dict[str, int] = {}
     finished_request_ids: list[str] = []
     block_copies: list[tuple[int, int]] = []
+    lookahead: bool = False
+
+
+class Flush(_Msg, frozen=True):
+    """No plan follows for now: answer the last ``lookahead`` plan as soon as it is done."""
 
 
 class Shutdown(_Msg, frozen=True):
     pass
 
 
-SchedulerToWorker = BatchPlan | Shutdown
+SchedulerToWorker = BatchPlan | Flush | Shutdown
 
 
 # worker -> scheduler -------------------------------------------------------

@@ -83,6 +83,20 @@ def bucket_for(num_seqs: int, buckets: Sequence[int]) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+@dataclass
+class LateTokens:
+    """Input tokens that the host has not seen yet: a step's decodes that continue from
+    tokens the step before samples (asynchronous scheduling). After the step's inputs
+    are copied in, row ``rows[i]`` of its input ids takes ``values[i]``, gathered on the
+    device from the earlier step's sampled tokens."""
+
+    rows: torch.Tensor  # (n,) int64 on the device: rows of the step's flattened token axis
+    values: torch.Tensor  # (n,) int64 on the device
+
+    def fill(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.values)
+
+
 class _Padded(Protocol):
     @property
     def bucket(self) -> int: ...
@@ -97,6 +111,7 @@ class _GraphSet(ABC, Generic[BatchT]):
     runs the model over them (``_forward``)."""
 
     kind: str  # "decode steps" or "mixed steps", for the logs
+    token_data: torch.Tensor  # (3, largest) int64 static inputs: input ids, positions, slot mapping
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], buckets: Sequence[int]) -> None:
         if not buckets:
@@ -159,17 +174,22 @@ class _GraphSet(ABC, Generic[BatchT]):
         log.info("captured %d CUDA graphs of %s (%s) in %.1f s, using %.0f MiB", len(self.buckets), self.kind,
                  self._describe_sizes(), time.monotonic() - started, used / (1 << 20))
 
-    def replay(self, batch: BatchT) -> torch.Tensor:  # (bucket, hidden), valid until the next replay
-        """Run ``batch`` through its bucket's graph; rows past its real ones are padding."""
+    def replay(self, batch: BatchT, late: LateTokens | None = None) -> torch.Tensor:
+        """Run ``batch`` through its bucket's graph: (bucket, hidden), valid until the next
+        replay; rows past its real ones are padding. ``late`` fills input ids on the device."""
         self._load(batch)
+        if late is not None:
+            late.fill(self.token_data[0])
         self._graphs[batch.bucket].replay()
         self.num_replays += 1
         return self._outputs[batch.bucket]
 
     @torch.inference_mode()
-    def run_eager(self, batch: BatchT) -> torch.Tensor:  # (bucket, hidden)
+    def run_eager(self, batch: BatchT, late: LateTokens | None = None) -> torch.Tensor:  # (bucket, hidden)
         """The same padded computation without a graph: the graph's reference."""
         self._load(batch)
+        if late is not None:
+            late.fill(self.token_data[0])
         return self._forward(batch.bucket)
 
 

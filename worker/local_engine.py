@@ -13,7 +13,7 @@ from scheduler.scheduler import Scheduler
 from shared.config import SchedulerConfig, WorkerConfig
 from shared.messages import RequestOutput, SamplingParams
 from worker.device import DeviceInfo
-from worker.model_runner import ModelRunner
+from worker.model_runner import LaunchedStep, ModelRunner
 from worker.parallel import SINGLE, TensorParallel
 
 
@@ -23,10 +23,25 @@ class LocalEngine:
         """``tp``: this process's rank of a tensor-parallel group; every rank runs its own
         engine on the same requests, and the identical schedulers keep the ranks in step."""
         self.runner = ModelRunner(worker_config, model_path, DeviceInfo.resolve(worker_config), tp=tp)
+        self.reset(scheduler_config, record_batches)
+
+    @classmethod
+    def over(cls, runner: ModelRunner, scheduler_config: SchedulerConfig, record_batches: bool = False) -> LocalEngine:
+        """An engine over an existing runner (whose request state is dropped)."""
+        engine = cls.__new__(cls)
+        engine.runner = runner
+        engine.reset(scheduler_config, record_batches)
+        return engine
+
+    def reset(self, scheduler_config: SchedulerConfig, record_batches: bool = False) -> None:
+        """A fresh scheduler (empty queue, every KV block free) and no request state in the runner."""
+        runner = self.runner
+        runner.reset()
         # Every rank's scheduler must see the same cache, as the service's one scheduler does.
-        num_blocks = tp.all_min(self.runner.num_blocks, self.runner.device)
-        kv_cache = KVCacheManager(num_blocks, self.runner.block_size, scheduler_config.enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, kv_cache, self.runner.max_model_len, record_batches)
+        num_blocks = runner.tp.all_min(runner.num_blocks, runner.device)
+        kv_cache = KVCacheManager(num_blocks, runner.block_size, scheduler_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, kv_cache, runner.max_model_len, record_batches)
+        self._held: LaunchedStep | None = None  # launched and sampled, tokens not read yet
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     priority: int = 0, tenant: str = "") -> None:
@@ -37,17 +52,36 @@ class LocalEngine:
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         return self.scheduler.abort_requests(request_ids)
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._held is not None
+
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return []
-        return self.scheduler.update_from_output(plan, self.runner.execute(plan))
+        """One step's outputs. With asynchronous scheduling the step after is planned and its
+        forward pass queued before this one's tokens are read, as the service's worker does."""
+        runner = self.runner
+        held, self._held = self._held, None
+        if held is None:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return []
+            held = runner.launch(plan)
+            runner.sample(held)
+        after = None
+        if self.scheduler.config.async_scheduling:
+            plan = self.scheduler.schedule()
+            if plan is not None:
+                after = runner.launch(plan)
+        outputs = self.scheduler.update_from_output(runner.finalize(held))
+        if after is not None:
+            runner.sample(after)
+            self._held = after
+        return outputs
 
     def run_until_idle(self) -> dict[str, tuple[list[int], str]]:
         """Step until no request is left; each request's output tokens and finish reason."""
         tokens: dict[str, list[int]] = {}
         reasons: dict[str, str] = {}
-        while self.scheduler.has_work():
+        while self.has_work():
             for out in self.step():
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                 if out.finish_reason is not None:

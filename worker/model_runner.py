@@ -18,8 +18,18 @@ On a GPU:
   ``cuda_graph_max_tokens`` tokens over at most 256 sequences; larger steps run
   eagerly;
 * a step's inputs go to the device as non-blocking copies from pinned host
-  memory, so the host waits for the device once per step: in the sampler's one
-  ``tolist`` of the sampled tokens.
+  memory, so the host waits for the device once per step: when it reads the
+  sampled tokens.
+
+A step runs in three calls: ``launch`` (apply the plan, queue the forward
+pass), ``sample`` (queue logits and sampling) and ``finalize`` (read the tokens,
+append them to their requests). ``execute`` makes them one after the other. With
+asynchronous scheduling the worker launches step K+1 before it finalizes step K,
+so the GPU computes K+1 while the host reads K's tokens and answers the
+scheduler; K+1's decodes take their input tokens (sampled by K, unknown to the
+host yet) from K's tokens on the device (``LateTokens``). Sampling K+1 waits for
+K's finalize, since penalties and ``min_tokens`` count K's tokens; the forward
+pass is what overlaps.
 
 In a tensor-parallel group (``worker.parallel``) every rank runs the same
 steps on its share of the model; every rank sees the whole logits, rank 0
@@ -37,14 +47,14 @@ import numpy as np
 import torch
 
 from shared.config import WorkerConfig
-from shared.messages import BatchPlan, SamplingParams, StepResult
+from shared.messages import BatchPlan, SamplingParams, StepResult, TokenLogprobs
 from worker.attention.base import AttentionMetadata
-from worker.cuda_graphs import DecodeGraphs, MixedGraphs, mixed_buckets, pad_decode_batch
+from worker.cuda_graphs import DecodeGraphs, LateTokens, MixedGraphs, mixed_buckets, pad_decode_batch
 from worker.device import DeviceInfo
 from worker.loader import load_model
 from worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
 from worker.parallel import SINGLE, TensorParallel
-from worker.sampler import SamplingState, sample
+from worker.sampler import PendingSample, SamplingState, sample, sample_async
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +88,22 @@ class RequestState:
 
 
 @dataclass
+class LaunchedStep:
+    """A step whose forward pass (``launch``), then sampling (``sample``), are queued on
+    the device; ``finalize`` reads its tokens. Until then they exist only on the
+    device, where the next step's decodes take their inputs from (``LateTokens``)."""
+
+    step_id: int
+    sample_ids: list[str]
+    states: list[RequestState]  # of sample_ids, held here: a request may end before finalize
+    hidden: torch.Tensor | None  # (S, hidden) rows to sample, until ``sample``
+    started: float  # perf_counter at launch
+    pending: PendingSample | None = None
+    tokens: torch.Tensor | None = None  # (S,) int64 on the device, every rank's, after ``sample``
+    rows: dict[str, int] | None = None  # request id -> row of ``tokens``, built when a later step asks
+
+
+@dataclass
 class HostBatch:
     """One step's flattened batch in host memory (pinned on a GPU host)."""
 
@@ -87,6 +113,8 @@ class HostBatch:
     block_tables: np.ndarray  # (B, max_blocks) int32, padded with 0
     sample_rows: np.ndarray  # (S,) int64: row in T of each sampled request's last token
     sample_ids: list[str]
+    # Decode rows whose input token the previous step samples: (row in T, its row there).
+    late: list[tuple[int, int]]
     max_query_len: int
     # The pinned tensors behind the arrays above, copied to the device as two transfers;
     # every array starts at a 16-byte boundary (see _aligned).
@@ -182,6 +210,8 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens, %.2f GiB", self.num_blocks, self.block_size,
                  self.num_blocks * bytes_per_block / (1 << 30))
         self.states: dict[str, RequestState] = {}
+        # The last step sampled and not finalized: at most one (see ``launch``).
+        self._unfinalized: LaunchedStep | None = None
         self._unseeded = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
@@ -197,6 +227,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.states.clear()
+        self._unfinalized = None
 
     # -- start-up ------------------------------------------------------------
 
@@ -286,9 +317,13 @@ class ModelRunner:
         num_tokens = sum(scheduled.values())
         states = [self.states[rid] for rid in order]
         width = max(len(st.block_ids) for st in states)
+        # A request that the unfinalized step samples knows one token more than its state holds.
+        prev_rows = self._rows_of(self._unfinalized)
         sample_ids = [
-            rid for rid, st in zip(order, states, strict=True) if start[rid] + scheduled[rid] == len(st.token_ids)
+            rid for rid, st in zip(order, states, strict=True)
+            if start[rid] + scheduled[rid] == len(st.token_ids) + (rid in prev_rows)
         ]
+        late: list[tuple[int, int]] = []
         # 16-byte boundaries: 2 int64 or 4 int32 elements.
         row_stride = _aligned(num_tokens, 2)
         seq_lens_at = _aligned(num_seqs + 1, 4)
@@ -312,7 +347,11 @@ class ModelRunner:
             table = st.block_ids
             block_tables[i, : len(table)] = table
             if num_new == 1:  # decodes: scalar writes beat building arrays
-                token_data[0, row] = st.token_ids[begin]
+                if begin < len(st.token_ids):
+                    token_data[0, row] = st.token_ids[begin]
+                else:  # sampled by the unfinalized step: filled in on the device
+                    token_data[0, row] = 0
+                    late.append((row, prev_rows[rid]))
                 token_data[1, row] = begin
                 token_data[2, row] = int(table[begin // bs]) * bs + begin % bs
             else:
@@ -333,6 +372,7 @@ class ModelRunner:
             block_tables=block_tables,
             sample_rows=sample_rows,
             sample_ids=sample_ids,
+            late=late,
             max_query_len=max(scheduled.values()),
             host_i64=host_i64,
             host_i32=host_i32,
@@ -376,8 +416,27 @@ class ModelRunner:
         for cache in self.kv_caches:  # (2, num_blocks, block_size, kv_heads, head_dim)
             cache[:, dst] = cache[:, src]
 
+    @staticmethod
+    def _rows_of(step: LaunchedStep | None) -> dict[str, int]:
+        if step is None:
+            return {}
+        if step.rows is None:
+            step.rows = {rid: i for i, rid in enumerate(step.sample_ids)}
+        return step.rows
+
+    def _late_tokens(self, batch: HostBatch) -> LateTokens | None:
+        if not batch.late:
+            return None
+        prev = self._unfinalized
+        if prev is None or prev.tokens is None:
+            raise RuntimeError("a step takes tokens of an earlier step that sampled none")
+        host = torch.tensor(batch.late, dtype=torch.int64).t().contiguous()  # (2, n): rows, rows of prev
+        index = self._to_device(host.pin_memory() if self._pin else host)
+        return LateTokens(index[0], prev.tokens.index_select(0, index[1]))
+
     def _forward(self, batch: HostBatch) -> torch.Tensor:
         """Hidden states (S, hidden) of the rows to sample, in ``batch.sample_ids`` order."""
+        late = self._late_tokens(batch)
         graphs = self.graphs
         if graphs is not None and self.use_cuda_graphs and batch.samples_every_row:
             bucket = graphs.bucket_for(batch.num_seqs)
@@ -391,7 +450,7 @@ class ModelRunner:
                     bucket,
                     pin=self._pin,
                 )
-                return graphs.replay(padded)[: batch.num_seqs]
+                return graphs.replay(padded, late)[: batch.num_seqs]
         mixed = self.mixed_graphs
         if mixed is not None and self.use_cuda_graphs:
             bucket = mixed.bucket_for(batch.num_tokens, batch.num_seqs)
@@ -399,53 +458,79 @@ class ModelRunner:
                 step = mixed.pad(
                     batch.token_data, batch.query_start_loc, batch.seq_lens, batch.block_tables, bucket, pin=self._pin
                 )
-                hidden = mixed.replay(step)
+                hidden = mixed.replay(step, late)
                 if batch.samples_every_row:
                     return hidden[: batch.num_tokens]
                 rows = self._to_device(batch.host_i64[3 * batch.row_stride :])
                 return hidden[rows]
         inputs = self.device_inputs(batch)
+        if late is not None:
+            late.fill(inputs.input_ids)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # (T, hidden)
         return hidden if inputs.sample_rows is None else hidden[inputs.sample_rows]
 
-    def _share_tokens(self, token_ids: list[int], count: int) -> list[int]:
-        """Rank 0's sampled tokens on every rank of the group."""
-        if self.tp.rank == 0:
-            shared = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        else:
-            shared = torch.empty(count, dtype=torch.int64, device=self.device)
-        return [int(t) for t in self.tp.broadcast(shared).tolist()]
-
     @torch.inference_mode()
-    def execute(self, plan: BatchPlan) -> StepResult:
+    def launch(self, plan: BatchPlan) -> LaunchedStep:
+        """Apply ``plan`` and queue its forward pass. The step before may still be
+        unfinalized: decodes that continue from its tokens read them on the device."""
         started = time.perf_counter()
         start = self._apply_plan(plan)
         self._copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
-            return StepResult(step_id=plan.step_id, request_ids=[], sampled_token_ids=[], logprobs=[],
-                              forward_ms=(time.perf_counter() - started) * 1000.0)
+            return LaunchedStep(plan.step_id, [], [], None, started)
         batch = self.host_batch(plan, start)
         hidden = self._forward(batch)
-        sampled_ids: list[list[int]] = []
-        logprobs = []
-        if batch.sample_ids:
+        states = [self.states[rid] for rid in batch.sample_ids]
+        return LaunchedStep(plan.step_id, batch.sample_ids, states, hidden, started)
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep) -> None:
+        """Queue the sampling of a launched step, once the step before is finalized (its
+        tokens count in penalties and ``min_tokens``). Rank 0 samples; the tokens go to
+        every rank of the group on the device."""
+        if self._unfinalized is not None:
+            raise RuntimeError(f"step {step.step_id} sampled before step {self._unfinalized.step_id} was finalized")
+        hidden, step.hidden = step.hidden, None
+        if step.sample_ids:
+            assert hidden is not None
             logits = self.model.compute_logits(hidden)  # (S, vocab)
-            states = [self.states[rid].sampling for rid in batch.sample_ids]
-            token_ids: list[int] = []
             if self.tp.rank == 0:
-                out = sample(logits, states, self._unseeded)
+                step.pending = sample_async(logits, [st.sampling for st in step.states], self._unseeded)
+                tokens = step.pending.tokens
+            else:
+                tokens = torch.empty(len(step.states), dtype=torch.int64, device=self.device)
+            step.tokens = self.tp.broadcast(tokens)
+        self._unfinalized = step
+
+    def finalize(self, step: LaunchedStep) -> StepResult:
+        """Wait for the step's tokens, append them to their requests, and say what was sampled."""
+        if step is not self._unfinalized:
+            raise RuntimeError(f"step {step.step_id} finalized out of order")
+        self._unfinalized = None
+        sampled_ids: list[list[int]] = []
+        logprobs: list[list[TokenLogprobs] | None] = []
+        if step.sample_ids:
+            assert step.tokens is not None
+            if step.pending is not None:
+                out = step.pending.result()
                 token_ids = out.token_ids
                 logprobs = [None if lp is None else [lp] for lp in out.logprobs]
-            if self.tp.size > 1:
-                token_ids = self._share_tokens(token_ids, len(states))
-            for rid, token_id, state in zip(batch.sample_ids, token_ids, states, strict=True):
-                self.states[rid].token_ids.append(token_id)
-                state.append_output(token_id)
+            else:
+                token_ids = [int(t) for t in step.tokens.tolist()]
+            for state, token_id in zip(step.states, token_ids, strict=True):
+                state.token_ids.append(token_id)
+                state.sampling.append_output(token_id)
                 sampled_ids.append([token_id])
         return StepResult(
-            step_id=plan.step_id,
-            request_ids=batch.sample_ids,
+            step_id=step.step_id,
+            request_ids=step.sample_ids,
             sampled_token_ids=sampled_ids,
             logprobs=logprobs if any(lp is not None for lp in logprobs) else [],
-            forward_ms=(time.perf_counter() - started) * 1000.0,
+            forward_ms=(time.perf_counter() - step.started) * 1000.0,
         )
+
+    def execute(self, plan: BatchPlan) -> StepResult:
+        """One step from plan to tokens on the host, nothing left in flight."""
+        step = self.launch(plan)
+        self.sample(step)
+        return self.finalize(step)

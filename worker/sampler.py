@@ -46,8 +46,10 @@ loop over requests in Python. Nothing loops over the vocabulary: bias and
 ``min_tokens`` are one indexed write each, penalties gather and scatter only
 the logits of seen tokens, top-k is one ``topk``, top-p one sort (or, when
 every top-p row also has a top-k, the ``topk`` already done) and a cumulative
-sum. On CUDA the host reads the device once, in the single ``tolist`` at the
-end; parameters go to the device through pinned memory without waiting for it.
+sum. On CUDA the host reads the device once, in ``PendingSample.result``;
+``sample_async`` returns before that with the tokens still on the device, so
+that the next step can be launched first. Parameters go to the device through
+pinned memory without waiting for it.
 """
 
 from __future__ import annotations
@@ -439,17 +441,74 @@ def sample(
     (and a seeded state's generator advanced): recording the picked tokens with
     ``append_output`` is the caller's job. ``logits`` is not modified.
     """
+    return sample_async(logits, states, generator).result()
+
+
+class PendingSample:
+    """A step's picks, still on their way to the host.
+
+    ``tokens`` (B,) int64 stays on the logits' device, where the next step can take
+    its inputs from it before the host has seen them; ``result`` waits for the
+    copy to the host (the step's one device synchronisation) and decodes it.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        packed: torch.Tensor,
+        logprob_rows: list[int],
+        top_ks: list[int],
+        num_top: int,
+    ) -> None:
+        self.tokens = tokens
+        self._logprob_rows = logprob_rows
+        self._top_ks = top_ks
+        self._num_top = num_top
+        self._ready: torch.cuda.Event | None = None
+        if packed.device.type == "cuda":
+            # Into pinned memory, queued on the stream: the host goes on until ``result``.
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed.cpu()
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        host = self._host.tolist()
+        batch = int(self.tokens.shape[0])
+        token_ids = [int(t) for t in host[:batch]]
+        out_logprobs: list[TokenLogprobs | None] = [None] * batch
+        m, num_top = len(self._logprob_rows), self._num_top
+        top_ids = host[batch + m : batch + m + m * num_top]
+        top_values = host[batch + m + m * num_top :]
+        for j, (i, k) in enumerate(zip(self._logprob_rows, self._top_ks, strict=True)):
+            start = j * num_top
+            out_logprobs[i] = TokenLogprobs(
+                logprob=host[batch + j],
+                top_token_ids=[int(t) for t in top_ids[start : start + k]],
+                top_logprobs=top_values[start : start + k],
+            )
+        return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
+
+
+def sample_async(
+    logits: torch.Tensor,
+    states: list[SamplingState],
+    generator: torch.Generator | None = None,
+) -> PendingSample:
+    """``sample`` without waiting for the device: the picks as a ``PendingSample``."""
     _check_batch(logits, states)
     batch, vocab = logits.shape
-    if batch == 0:
-        return SamplerOutput(token_ids=[], logprobs=[])
-
     greedy_rows = [i for i, st in enumerate(states) if st.is_greedy]
     sampled_rows = [i for i, st in enumerate(states) if not st.is_greedy]
     logprob_rows = [i for i, st in enumerate(states) if st.params.logprobs is not None]
     adjust = any(_needs_adjustment(st) for st in states)
     if not (adjust or sampled_rows or logprob_rows):
-        return SamplerOutput(token_ids=_row_argmax(logits).tolist(), logprobs=[None] * batch)
+        tokens = _row_argmax(logits)
+        return PendingSample(tokens, tokens, [], [], 0)
 
     device = logits.device
     x = adjust_logits(logits, states) if adjust else logits.float()  # (B, V)
@@ -472,7 +531,7 @@ def sample(
             )
 
     # Everything the host needs goes in one float64 tensor (token ids are exact
-    # in float64), read with a single tolist: one device synchronisation per step.
+    # in float64), read with a single copy: one device synchronisation per step.
     parts = [tokens.to(torch.float64)]
     num_top = 0
     if logprob_rows:
@@ -489,19 +548,5 @@ def sample(
             top = logprobs.topk(num_top, dim=-1)  # (m, num_top) each, descending
             parts.append(top.indices.flatten().to(torch.float64))
             parts.append(top.values.flatten().to(torch.float64))
-    host = torch.cat(parts).tolist()
-
-    token_ids = [int(t) for t in host[:batch]]
-    out_logprobs: list[TokenLogprobs | None] = [None] * batch
-    m = len(logprob_rows)
-    top_ids = host[batch + m : batch + m + m * num_top]
-    top_values = host[batch + m + m * num_top :]
-    for j, i in enumerate(logprob_rows):
-        k = min(vocab, states[i].params.logprobs or 0)
-        start = j * num_top
-        out_logprobs[i] = TokenLogprobs(
-            logprob=host[batch + j],
-            top_token_ids=[int(t) for t in top_ids[start : start + k]],
-            top_logprobs=top_values[start : start + k],
-        )
-    return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
+    top_ks = [min(vocab, states[i].params.logprobs or 0) for i in logprob_rows]
+    return PendingSample(tokens, torch.cat(parts), logprob_rows, top_ks, num_top)

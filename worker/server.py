@@ -5,6 +5,11 @@ than one rank), load this rank's share of the model, size and allocate the KV
 cache, then send ``WorkerReady``. Every rank receives every plan; rank 0 alone
 answers with the ``StepResult``.
 
+A plan marked ``lookahead`` is launched and held: its tokens are read and
+answered only when the next message comes, after the next plan's forward pass
+is queued behind it (or at once for a ``Flush``), so the GPU runs the next
+step while this process reads the tokens and the scheduler plans the one after.
+
 A step that raises is reported as ``WorkerFailure`` (the scheduler fails the
 in-flight requests). A group of one then drops all request state and registers
 again, so one bad batch does not take the service down. A rank of a larger
@@ -30,7 +35,7 @@ from shared.model_files import resolve_model
 from shared.process import install_stop_handler, parent_watchdog
 from shared.tracing import context_from_traceparent, record_span, setup_tracing, shutdown_tracing, tracing_enabled
 from worker.device import DeviceInfo
-from worker.model_runner import ModelRunner
+from worker.model_runner import LaunchedStep, ModelRunner
 from worker.parallel import destroy_tensor_parallel, init_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,8 @@ class WorkerServer:
         self._sock.connect(config.scheduler_address)
         self._encoder = m.encoder()
         self._stopping = False
+        # The last lookahead plan, launched and sampled, not answered yet.
+        self._held: tuple[m.BatchPlan, LaunchedStep, int] | None = None
         fail_at = os.environ.get(_FAIL_AT_STEP_ENV)
         self._fail_at_step = int(fail_at) if fail_at else None
 
@@ -102,24 +109,42 @@ class WorkerServer:
                 return
             self._step(msg)
 
-    def _step(self, plan: m.BatchPlan) -> None:
+    def _step(self, msg: m.BatchPlan | m.Flush) -> None:
+        step_id = msg.step_id if isinstance(msg, m.BatchPlan) else None
         try:
-            if self._fail_at_step is not None and plan.step_id == self._fail_at_step:
-                self._fail_at_step = None
-                raise RuntimeError(f"failure injected at step {plan.step_id} ({_FAIL_AT_STEP_ENV})")
-            started_ns = time.time_ns()
-            result = self.runner.execute(plan)
-            if self.tp.rank == 0 and tracing_enabled():
-                self._trace_step(plan, started_ns, time.time_ns())
+            launched = None
+            if isinstance(msg, m.BatchPlan):
+                if self._fail_at_step is not None and msg.step_id == self._fail_at_step:
+                    self._fail_at_step = None
+                    raise RuntimeError(f"failure injected at step {msg.step_id} ({_FAIL_AT_STEP_ENV})")
+                started_ns = time.time_ns()
+                launched = (msg, self.runner.launch(msg), started_ns)
+            if self._held is not None:
+                held, self._held = self._held, None
+                step_id = held[0].step_id
+                self._answer(*held)
+            if launched is not None:
+                plan, step, _ = launched
+                step_id = plan.step_id
+                self.runner.sample(step)
+                if plan.lookahead:
+                    self._held = launched
+                else:
+                    self._answer(*launched)
         except Exception as e:
-            log.exception("step %d failed", plan.step_id)
+            log.exception("step %s failed", step_id)
             self._send(m.WorkerFailure(self.tp.rank, f"{type(e).__name__}: {e}"))
             if self.tp.size > 1:
-                raise StepFailed(f"rank {self.tp.rank} failed step {plan.step_id}; leaving the group") from e
+                raise StepFailed(f"rank {self.tp.rank} failed step {step_id}; leaving the group") from e
+            self._held = None
             self.runner.reset()
             self._register()
-            return
+
+    def _answer(self, plan: m.BatchPlan, step: LaunchedStep, started_ns: int) -> None:
+        result = self.runner.finalize(step)
         if self.tp.rank == 0:
+            if tracing_enabled():
+                self._trace_step(plan, started_ns, time.time_ns())
             self._send(result)
 
     @staticmethod

@@ -37,7 +37,7 @@ def test_the_prompt_is_prefilled_once_then_forked_with_exact_blocks_and_copies()
     assert first.num_scheduled_tokens == {"p": 9}
     assert [(r.request_id, r.block_ids, r.num_computed_tokens) for r in first.new_requests] == [("p", [0, 1, 2], 0)]
     assert first.block_copies == []
-    assert sched.update_from_output(first, worker.execute(first)) == []  # a parent samples nothing
+    assert sched.update_from_output(worker.execute(first)) == []  # a parent samples nothing
 
     second = sched.schedule()
     assert second is not None
@@ -50,7 +50,7 @@ def test_the_prompt_is_prefilled_once_then_forked_with_exact_blocks_and_copies()
     assert [block.ref_count for block in sched.kv_cache.pool.blocks[:5]] == [3, 3, 1, 1, 1]
     sched.kv_cache.check_invariants()
     outputs: dict[str, list[int]] = {}
-    for out in sched.update_from_output(second, worker.execute(second)):
+    for out in sched.update_from_output(worker.execute(second)):
         outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     for rid, tokens in run(sched, worker).items():
         outputs.setdefault(rid, []).extend(tokens)
@@ -70,14 +70,14 @@ def test_a_prompt_ending_a_block_early_forks_without_copies() -> None:
     sched.add_request(request("p", prompt, 4, n=3, seed=1))
     first = sched.schedule()
     assert first is not None
-    sched.update_from_output(first, worker.execute(first))
+    sched.update_from_output(worker.execute(first))
     second = sched.schedule()
     assert second is not None
     assert second.block_copies == []
     assert [(r.request_id, r.block_ids) for r in second.new_requests] == [
         ("p#0", [0, 1, 2]), ("p#1", [0, 1, 3]), ("p#2", [0, 1, 4])]
     outputs: dict[str, list[int]] = {}
-    for out in sched.update_from_output(second, worker.execute(second)):
+    for out in sched.update_from_output(worker.execute(second)):
         outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     for rid, tokens in run(sched, worker).items():
         outputs.setdefault(rid, []).extend(tokens)
@@ -96,7 +96,7 @@ def test_a_one_token_prompt_forks_at_admission() -> None:
         ("p#0", [0], 0), ("p#1", [1], 0), ("p#2", [2], 0)]
     assert first.num_scheduled_tokens == {"p#0": 1, "p#1": 1, "p#2": 1}
     outputs: dict[str, list[int]] = {}
-    for out in sched.update_from_output(first, worker.execute(first)):
+    for out in sched.update_from_output(worker.execute(first)):
         outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     for rid, tokens in run(sched, worker).items():
         outputs.setdefault(rid, []).extend(tokens)
@@ -117,7 +117,7 @@ def test_a_fully_cached_prompt_forks_at_admission_on_the_cached_blocks() -> None
     assert [r.block_ids[:2] for r in plan.new_requests] == [cached, cached]
     assert [r.num_computed_tokens for r in plan.new_requests] == [8, 8]
     outputs: dict[str, list[int]] = {}
-    for out in sched.update_from_output(plan, worker.execute(plan)):
+    for out in sched.update_from_output(worker.execute(plan)):
         outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     for rid, tokens in run(sched, worker).items():
         outputs.setdefault(rid, []).extend(tokens)
@@ -145,7 +145,7 @@ def test_aborting_the_parent_id_ends_every_choice(when: str) -> None:
     for _ in range(steps):
         plan = sched.schedule()
         assert plan is not None
-        sched.update_from_output(plan, worker.execute(plan))
+        sched.update_from_output(worker.execute(plan))
     outs = sched.abort_requests(["p"])
     assert sorted((o.request_id, o.finish_reason) for o in outs) == [
         ("p#0", "abort"), ("p#1", "abort"), ("p#2", "abort")]
@@ -162,7 +162,7 @@ def test_aborting_one_choice_leaves_the_others_running() -> None:
     for _ in range(3):
         plan = sched.schedule()
         assert plan is not None
-        for out in sched.update_from_output(plan, worker.execute(plan)):
+        for out in sched.update_from_output(worker.execute(plan)):
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert [(o.request_id, o.finish_reason) for o in sched.abort_requests(["p#1"])] == [("p#1", "abort")]
     for rid, tokens in run(sched, worker).items():
@@ -200,11 +200,11 @@ def test_a_parent_holds_seats_for_all_its_choices() -> None:
     assert first is not None
     # p takes 3 seats; q (2 seats) waits at the head of the line, r does not jump it.
     assert set(first.num_scheduled_tokens) == {"p"}
-    sched.update_from_output(first, worker.execute(first))
+    sched.update_from_output(worker.execute(first))
     second = sched.schedule()
     assert second is not None
     assert set(second.num_scheduled_tokens) == {"p#0", "p#1", "p#2"}
-    sched.update_from_output(second, worker.execute(second))
+    sched.update_from_output(worker.execute(second))
     run(sched, worker)
     assert sched.stats.max_batch_size <= 4
     assert_scheduler_empty(sched)
@@ -235,7 +235,7 @@ def test_errors_before_the_fork_end_every_choice() -> None:
     sched.add_request(late)
     plan = sched.schedule()
     assert plan is not None
-    sched.update_from_output(plan, worker.execute(plan))
+    sched.update_from_output(worker.execute(plan))
     expired = sched.expire_waiting(now=111.0)
     assert [(o.request_id, o.finish_reason) for o in expired] == [("late#0", "error"), ("late#1", "error")]
     failed = sched.fail_all("the worker group is gone")
@@ -260,7 +260,7 @@ def test_random_parallel_requests_with_aborts_and_preemptions_leave_nothing_behi
             num_aborted += len(sched.abort_requests([victim]))
         plan = sched.schedule()
         if plan is not None:
-            sched.update_from_output(plan, worker.execute(plan))
+            sched.update_from_output(worker.execute(plan))
         sched.kv_cache.check_invariants()
     run(sched, worker)
     stats = sched.stats

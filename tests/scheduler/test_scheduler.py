@@ -89,7 +89,7 @@ def run(sched: Scheduler, worker: TokenCacheWorker, max_steps: int = 10_000) -> 
             break
         assert sum(plan.num_scheduled_tokens.values()) <= sched.config.max_num_batched_tokens
         assert len(plan.num_scheduled_tokens) <= sched.config.max_num_seqs
-        for out in sched.update_from_output(plan, worker.execute(plan)):
+        for out in sched.update_from_output(worker.execute(plan)):
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     return outputs
 
@@ -115,13 +115,13 @@ def test_prefill_then_one_token_per_step_under_the_budget() -> None:
     assert plan is not None
     # a's whole prompt, then as much of b's as the budget leaves (chunked prefill).
     assert plan.num_scheduled_tokens == {"a": 10, "b": 6}
-    sched.update_from_output(plan, worker.execute(plan))
+    sched.update_from_output(worker.execute(plan))
     plan = sched.schedule()
     assert plan is not None
     # decodes first, then the rest of b's prompt
     assert plan.num_scheduled_tokens == {"a": 1, "b": 4}
     assert [n.request_id for n in plan.new_requests] == []
-    sched.update_from_output(plan, worker.execute(plan))
+    sched.update_from_output(worker.execute(plan))
     run(sched, worker)
     assert_scheduler_empty(sched)
 
@@ -133,13 +133,13 @@ def test_new_request_data_is_sent_once_then_only_diffs() -> None:
     assert first is not None
     assert [n.request_id for n in first.new_requests] == ["a"]
     assert first.new_requests[0].block_ids == sched.kv_cache.get_block_ids("a")
-    sched.update_from_output(first, worker.execute(first))
+    sched.update_from_output(worker.execute(first))
     second = sched.schedule()
     assert second is not None
     assert second.new_requests == []
     assert [c.request_id for c in second.cached_requests] == ["a"]
     assert second.cached_requests[0].new_block_ids == []  # token 8 still fits block 2
-    sched.update_from_output(second, worker.execute(second))
+    sched.update_from_output(worker.execute(second))
     third = sched.schedule()
     assert third is not None
     assert len(third.cached_requests[0].new_block_ids) == 1  # token 9 opens a new block
@@ -157,7 +157,7 @@ def test_requests_join_and_leave_at_step_granularity() -> None:
         if plan is None:
             break
         steps.append(sorted(plan.num_scheduled_tokens))
-        sched.update_from_output(plan, worker.execute(plan))
+        sched.update_from_output(worker.execute(plan))
     assert steps[0] == ["long", "short"]
     assert steps[1] == ["long", "short"]  # short decodes its 2nd token and leaves
     assert steps[2] == ["long"]
@@ -217,7 +217,7 @@ def test_preemption_victim_is_lowest_priority_then_latest() -> None:
         if plan is None:
             break
         before = sched.stats.num_preemptions
-        sched.update_from_output(plan, worker.execute(plan))
+        sched.update_from_output(worker.execute(plan))
         if before and len(preempted) < before:
             preempted.append({r.request_id for r in sched.waiting})
     assert preempted and preempted[0] == {"late"}
@@ -232,7 +232,7 @@ def test_abort_while_waiting_prefilling_and_decoding_frees_everything() -> None:
     for _ in range(2):
         plan = sched.schedule()
         assert plan is not None
-        sched.update_from_output(plan, worker.execute(plan))
+        sched.update_from_output(worker.execute(plan))
     assert {r.request_id for r in sched.running} == {"decoding", "prefilling"}
     assert sched.requests["prefilling"].num_computed_tokens < 30
     outs = sched.abort_requests(["waiting", "prefilling", "decoding", "unknown"])
@@ -273,7 +273,7 @@ def test_many_random_requests_with_aborts_leave_nothing_behind() -> None:
             sched.abort_requests([live.pop(rng.randrange(len(live)))])
         plan = sched.schedule()
         if plan is not None:
-            for out in sched.update_from_output(plan, worker.execute(plan)):
+            for out in sched.update_from_output(worker.execute(plan)):
                 if out.finish_reason and out.request_id in live:
                     live.remove(out.request_id)
         sched.kv_cache.check_invariants()
@@ -329,7 +329,7 @@ def test_queue_timeout_fails_requests_that_never_started() -> None:
     sched.add_request(started)
     plan = sched.schedule()
     assert plan is not None
-    sched.update_from_output(plan, worker.execute(plan))
+    sched.update_from_output(worker.execute(plan))
     late = request("late", [3, 4], 5, arrival=100.0)
     late.queue_deadline = 110.0
     sched.add_request(late)
@@ -347,12 +347,12 @@ def test_a_head_of_line_request_retried_every_step_is_one_prefix_cache_query() -
     sched.add_request(request("first", list(range(12)), 8))  # 5 blocks by its end
     plan = sched.schedule()
     assert plan is not None
-    sched.update_from_output(plan, worker.execute(plan))
+    sched.update_from_output(worker.execute(plan))
     sched.add_request(request("second", list(range(20, 30)), 2))  # 3 blocks: waits for "first"
     for _ in range(4):
         plan = sched.schedule()
         assert plan is not None and "second" not in plan.num_scheduled_tokens
-        sched.update_from_output(plan, worker.execute(plan))
+        sched.update_from_output(worker.execute(plan))
     assert sched.kv_cache.prefix_cache_queries == 12
     outputs = run(sched, worker)
     assert len(outputs["second"]) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
 import zmq
@@ -73,20 +72,23 @@ def test_the_trace_of_a_request_with_choices_ends_with_its_last_choice() -> None
 
 
 def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None:
-    """The stats line's step accounting: plan sent to result (and the workers' own execute
-    time within it), then result to the next plan; a plan launched after an idle spell is
-    not counted as following the last result."""
+    """The stats line's step accounting: results apart while the engine is busy (a plan in
+    flight when a result comes, or sent right after it), the workers' launch-to-tokens time,
+    and result to the next plan here; an idle spell counts in neither."""
     times = _StepTimes()
     assert times.summary() == "no steps"
-    now = time.monotonic()
-    times.finished(now - 0.010, forward_ms=4.0)
-    times.launched(time.monotonic() + 0.002)
+    times.finished(100.000, forward_ms=4.0, in_flight=False)  # one step at a time:
+    times.launched(100.002)  # the next plan 2 ms after the result
     times.settled()
-    times.finished(time.monotonic() - 0.020, forward_ms=6.0)
-    times.settled()  # nothing to run next: the next launch is not timed against this result
-    times.launched(time.monotonic() + 5.0)
+    times.finished(100.014, forward_ms=6.0, in_flight=True)  # 14 ms apart; a lookahead plan in flight
+    times.settled()
+    times.finished(100.024, forward_ms=8.0, in_flight=False)  # 10 ms apart; nothing left to run
+    times.settled()  # the next launch is not timed against this result
+    times.launched(105.0)
+    times.finished(105.010, forward_ms=8.0, in_flight=False)  # after an idle spell: not counted apart
     summary = times.summary()
-    assert times.steps == 2 and times.between_steps == 1
-    assert 14.9 < 1000 * times.in_workers_s / 2 < 16.0 and times.executing_s == pytest.approx(0.010)
-    assert 1.9 < 1000 * times.between_s < 2.5
-    assert summary.startswith("2 steps: 15.") and "(5.00 ms executing)" in summary and " ms here before" in summary
+    assert times.steps == 4 and times.between_steps == 1 and times.apart_steps == 2
+    assert times.apart_s == pytest.approx(0.024) and times.between_s == pytest.approx(0.002)
+    assert times.executing_s == pytest.approx(0.026)
+    assert summary == ("4 steps: one every 12.00 ms (6.50 ms launch to tokens in the workers), "
+                       "2.00 ms here before the next plan")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler
 from shared.config import SchedulerConfig, WorkerConfig
-from shared.messages import SamplingParams
+from shared.messages import BatchPlan, SamplingParams, StepResult
 from worker.attention.base import AttentionMetadata
 from worker.attention.triton_backend import TritonAttentionBackend
 from worker.cuda_graphs import (
@@ -32,6 +34,7 @@ from worker.cuda_graphs import (
     PAD_SEQ_LEN,
     PAD_SLOT,
     DecodeGraphs,
+    LateTokens,
     MixedGraphs,
     PaddedDecode,
     bucket_for,
@@ -40,7 +43,8 @@ from worker.cuda_graphs import (
 )
 from worker.device import DeviceInfo
 from worker.loader import load_model
-from worker.model_runner import ModelRunner
+from worker.local_engine import LocalEngine
+from worker.model_runner import LaunchedStep, ModelRunner
 from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
 
 ON_GPU = torch.cuda.is_available()
@@ -360,9 +364,9 @@ def test_mixed_replay_equals_eager(gpu_runner: ModelRunner, seed: int) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) -> None:
-    """Decode steps replay a decode graph, prefill and mixed steps a mixed graph, and
-    each step waits for the device once (the sampled tokens); clearing
-    ``use_cuda_graphs`` turns replays off."""
+    """Decode steps replay a decode graph, prefill and mixed steps a mixed graph, and no
+    step synchronises with the device implicitly (the host waits for the sampled tokens
+    on an event, once per step); clearing ``use_cuda_graphs`` turns replays off."""
     runner = gpu_runner
     graphs, mixed = runner.graphs, runner.mixed_graphs
     assert graphs is not None and mixed is not None
@@ -392,8 +396,8 @@ def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) 
         assert graphs.num_replays == replays + int(decode_only)
         assert mixed.num_replays == mixed_replays + int(not decode_only)
         decode_steps += decode_only
-        assert len(syncs) == int(bool(result.request_ids)), syncs
-        scheduler.update_from_output(plan, result)
+        assert syncs == []
+        scheduler.update_from_output(result)
     assert 5 < decode_steps < mixed.num_replays + decode_steps
     runner.use_cuda_graphs = False
     try:
@@ -402,7 +406,74 @@ def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) 
         while scheduler.has_work():
             plan = scheduler.schedule()
             assert plan is not None
-            scheduler.update_from_output(plan, runner.execute(plan))
+            scheduler.update_from_output(runner.execute(plan))
         assert (graphs.num_replays, mixed.num_replays) == (replays, mixed_replays)
     finally:
         runner.use_cuda_graphs = True
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_pipelined_steps_equal_the_same_plans_one_at_a_time(
+    gpu_runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With asynchronous scheduling each step is launched before the last one's tokens are
+    read, and its decodes take their input ids from the device (``LateTokens``, written into
+    the graphs' static inputs). Run the same plans again one at a time, every input from the
+    host: the tokens must be identical, bit for bit (same batches, same graphs). Launching
+    and sampling never wait for the device; only reading the tokens does."""
+    runner = gpu_runner
+    engine = LocalEngine.over(runner, SchedulerConfig(async_scheduling=True))
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        prompt = rng.integers(0, 32000, int(rng.integers(3, 600))).tolist()
+        params = SamplingParams(max_tokens=int(rng.integers(2, 40)), temperature=0.0 if i % 2 else 0.9, seed=i)
+        engine.add_request(f"r{i}", prompt, params)
+    plans: list[BatchPlan] = []
+    results: list[StepResult] = []
+    launch, sample, finalize = runner.launch, runner.sample, runner.finalize
+    syncs: list[str] = []
+
+    def quiet(call: Callable[[Any], Any], arg: Any) -> Any:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                out = call(arg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs.extend(str(w.message) for w in record if "synchroniz" in str(w.message))
+        return out
+
+    def recorded_launch(plan: BatchPlan) -> LaunchedStep:
+        plans.append(plan)
+        return quiet(launch, plan)
+
+    def recorded_finalize(step: LaunchedStep) -> StepResult:
+        results.append(finalize(step))
+        return results[-1]
+
+    fills: list[int] = []
+    fill = LateTokens.fill
+
+    def counted_fill(late: LateTokens, input_ids: torch.Tensor) -> None:
+        fills.append(len(late.rows))
+        fill(late, input_ids)
+
+    monkeypatch.setattr(LateTokens, "fill", counted_fill)
+    replays_before = runner.graphs.num_replays if runner.graphs else 0
+    try:
+        runner.launch = recorded_launch  # type: ignore[method-assign]
+        runner.sample = lambda step: quiet(sample, step)  # type: ignore[method-assign]
+        runner.finalize = recorded_finalize  # type: ignore[method-assign]
+        engine.run_until_idle()
+    finally:
+        del runner.launch, runner.sample, runner.finalize
+    assert syncs == []
+    assert runner.graphs is not None and runner.graphs.num_replays > replays_before + 20
+    assert len(fills) > 20 and sum(fills) > 200
+    monkeypatch.undo()
+    runner.reset()
+    again = [runner.execute(plan) for plan in plans]
+    assert [r.sampled_token_ids for r in again] == [r.sampled_token_ids for r in results]
+    assert [r.request_ids for r in again] == [r.request_ids for r in results]

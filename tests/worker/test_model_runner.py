@@ -11,14 +11,20 @@ from __future__ import annotations
 import os
 import random
 
+import msgspec
 import pytest
 import torch
 
-from shared.config import WorkerConfig
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.request import Request
+from scheduler.scheduler import Scheduler
+from shared.config import SchedulerConfig, WorkerConfig
 from shared.messages import BatchPlan, CachedRequestData, NewRequestData, SamplingParams
 from worker.attention.base import AttentionMetadata
 from worker.attention.torch_backend import TorchAttentionBackend
+from worker.cuda_graphs import LateTokens
 from worker.device import DeviceInfo
+from worker.local_engine import LocalEngine
 from worker.model_runner import ModelRunner
 from worker.models.llama import allocate_kv_caches
 
@@ -205,6 +211,61 @@ def test_single_token_sequences_lead_the_batch(runner: ModelRunner) -> None:
     assert batch.seq_lens.tolist() == [6, 7, 4]
     assert batch.token_data[0].tolist() == [pm.tokens["a"][5], *PROMPTS["code"][:7], *PROMPTS["chat"][:4]]
     assert batch.sample_ids == ["a"] and batch.sample_rows.tolist() == [0]
+
+
+def run_engine(runner: ModelRunner, async_scheduling: bool) -> dict[str, tuple[list[int], list, str | None]]:
+    """The requests below through a ``LocalEngine`` over ``runner`` with 20 KV blocks (so that
+    some are preempted): each output's tokens, logprobs and finish reason."""
+    config = SchedulerConfig(async_scheduling=async_scheduling, max_num_seqs=4, max_num_batched_tokens=24)
+    engine = LocalEngine.over(runner, config)
+    engine.scheduler = Scheduler(config, KVCacheManager(20, BLOCK_SIZE), runner.max_model_len)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2)
+    seeded = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, repetition_penalty=1.3,
+                            frequency_penalty=0.5, min_tokens=3, stop_token_ids=[2])
+    stop_early = SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=list(range(200, 600)))
+    engine.add_request("france", PROMPTS["france"], greedy)
+    engine.add_request("code", PROMPTS["code"], seeded)
+    engine.scheduler.add_request(Request("chat", PROMPTS["chat"], msgspec.structs.replace(seeded, seed=3), n=2))
+    engine.add_request("short", PROMPTS["france"][:2], stop_early)
+    engine.add_request("one", PROMPTS["code"][:6], SamplingParams(max_tokens=1, temperature=0.0))
+    outputs: dict[str, tuple[list[int], list, str | None]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            tokens, logprobs, _ = outputs.get(out.request_id, ([], [], None))
+            outputs[out.request_id] = (tokens + out.new_token_ids, logprobs + (out.logprobs or []),
+                                       out.finish_reason)
+    assert engine.scheduler.is_idle_and_empty() and engine.scheduler.stats.num_preemptions > 0
+    return outputs
+
+
+def test_async_scheduling_gives_the_same_outputs_as_one_step_at_a_time(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy with logprobs, seeded sampling with penalties and ``min_tokens``, stop tokens,
+    two choices of one prompt, a one-token request, and preemptions: the pipelined engine
+    (each step launched before the last one's tokens are read, its decodes taking their
+    inputs from the device) gives exactly the outputs of the engine that waits each time."""
+    expected = run_engine(runner, async_scheduling=False)
+    late_rows: list[int] = []
+    fill = LateTokens.fill
+
+    def counted_fill(late: LateTokens, input_ids: torch.Tensor) -> None:
+        late_rows.append(len(late.rows))
+        fill(late, input_ids)
+
+    monkeypatch.setattr(LateTokens, "fill", counted_fill)
+    got = run_engine(runner, async_scheduling=True)
+    # Tokens and finish reasons exactly; logprobs up to float noise (batches differ in makeup).
+    assert {rid: (tokens, reason) for rid, (tokens, _, reason) in got.items()} == {
+        rid: (tokens, reason) for rid, (tokens, _, reason) in expected.items()}
+    for rid, (_, logprobs, _) in expected.items():
+        assert [lp.top_token_ids for lp in got[rid][1]] == [lp.top_token_ids for lp in logprobs]
+        assert [lp.top_logprobs for lp in got[rid][1]] == [pytest.approx(lp.top_logprobs, abs=1e-4) for lp in logprobs]
+    assert len(expected["france"][1]) == 12
+    assert sum(late_rows) > 20  # most decodes took their token from the step before on the device
+    assert set(expected) == {"france", "code", "chat#0", "chat#1", "short", "one"}
+    assert expected["one"][2] == "length" and expected["short"][2] == "stop"
+    assert expected["chat#0"][0] != expected["chat#1"][0]
 
 
 # The interpreter converts 1-element arrays to ints in a way numpy deprecates.

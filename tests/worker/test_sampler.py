@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shared.messages import SamplingParams
-from worker.sampler import SamplingState, adjust_logits, sample
+from worker.sampler import SamplingState, adjust_logits, sample, sample_async
 
 F32 = torch.float32
 
@@ -455,7 +455,10 @@ def test_single_finite_logit_always_wins() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu_and_reads_the_device_once() -> None:
+def test_cuda_matches_cpu_and_waits_only_for_the_copy_of_its_picks() -> None:
+    """On CUDA ``sample_async`` queues everything and returns (the tokens stay on the device);
+    ``result`` waits for one event, after the copy of the picks to pinned memory. Neither
+    makes an implicit synchronisation."""
     logits, cpu_states = penalised_batch(vocab=50)
     cuda_states = [
         SamplingState(st.params, st.prompt_token_ids, st.output_token_ids, device="cuda") for st in cpu_states
@@ -474,11 +477,14 @@ def test_cuda_matches_cpu_and_reads_the_device_once() -> None:
     try:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            out = sample(mixed_logits, mixed, gen)
+            pending = sample_async(mixed_logits, mixed, gen)
+            assert pending.tokens.is_cuda and pending._ready is not None
+            out = pending.result()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in record if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert syncs == [], [str(w.message) for w in syncs]
+    assert out.token_ids == pending.tokens.tolist() and out.logprobs[-1] is not None
     cpu_out = sample(logits, cpu_states)
     assert out.token_ids[: len(cpu_states)] == cpu_out.token_ids
 
