@@ -132,6 +132,7 @@ class Settings:
     max_num_seqs: dict[str, int]  # per row
     cuda_graph_max_tokens: int | None  # loomserve's; None: its default
     async_scheduling: bool  # loomserve's
+    kv_cache_dtype: str  # loomserve's
     max_num_batched_tokens: int
     gpu_hour_usd: float
     time_budget_s: float
@@ -189,6 +190,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
                         help="loomserve's --cuda-graph-max-tokens (default: loomserve's default)")
     parser.add_argument("--async-scheduling", type=parse_bool, default=SchedulerConfig().async_scheduling,
                         metavar="BOOL", help="loomserve's --async-scheduling (default: %(default)s)")
+    parser.add_argument("--kv-cache-dtype", default=WorkerConfig().kv_cache_dtype, choices=("auto", "fp8"),
+                        help="loomserve's --kv-cache-dtype (default: %(default)s)")
     parser.add_argument("--gpu-hour-usd", type=float, default=2.50,
                         help="price of one GPU-hour for the cost column (default: %(default)s, an H100 on demand)")
     parser.add_argument("--time-budget-s", type=float, default=None,
@@ -212,6 +215,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             max_num_seqs=parse_per_row(args.max_num_seqs, 4 if smoke else 32, "--max-num-seqs"),
             cuda_graph_max_tokens=args.cuda_graph_max_tokens,
             async_scheduling=args.async_scheduling,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_hour_usd=args.gpu_hour_usd,
             time_budget_s=args.time_budget_s or (170.0 if smoke else 500.0),
@@ -639,7 +643,8 @@ def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
             "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(ctx.max_num_seqs),
             "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
             "--max-num-batched-tokens", str(s.max_num_batched_tokens),
-            "--async-scheduling", str(s.async_scheduling).lower(), "--tp", str(s.tp)]
+            "--async-scheduling", str(s.async_scheduling).lower(), "--kv-cache-dtype", s.kv_cache_dtype,
+            "--tp", str(s.tp)]
     if s.device == "cpu":
         argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
     if s.cuda_graph_max_tokens is not None:
@@ -721,7 +726,7 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     run = RowRun()
     begin = time.perf_counter()
     worker_config = WorkerConfig(model=ctx.shape, load_format="dummy", device=s.device, max_model_len=s.max_model_len,
-                                 kv_cache_gb=s.kv_cache_gb, seed=s.seed)
+                                 kv_cache_gb=s.kv_cache_gb, seed=s.seed, kv_cache_dtype=s.kv_cache_dtype)
     if s.cuda_graph_max_tokens is not None:
         worker_config = dataclasses.replace(worker_config, cuda_graph_max_tokens=s.cuda_graph_max_tokens)
     engine = LocalEngine(SchedulerConfig(async_scheduling=s.async_scheduling), worker_config, ctx.shape)

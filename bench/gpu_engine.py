@@ -167,7 +167,7 @@ def batch1_decode(
             stats.sort_stats("cumulative").print_stats(40)
     median = statistics.median(step_times)
     mean_context = BATCH1_PROMPT + (len(step_times) + 1) / 2
-    kv_per_token = kv_cache_bytes_per_block(runner.model_config, 1, runner.dtype)
+    kv_per_token = kv_cache_bytes_per_block(runner.model_config, 1, runner.kv_dtype)
     step_bytes = weight_bytes_per_step(runner) + mean_context * kv_per_token
     roofline = copy_bw / step_bytes
     return {

@@ -23,6 +23,23 @@ from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+# A KV cache holds the compute dtype, or FP8 (e4m3, no scale factor: values are rounded to
+# 3 mantissa bits and saturate at +-FP8_MAX). The kernels read and write an FP8 cache as
+# bytes (``kv_cache_arg``) and convert in registers; torch has no FP8 arithmetic on the CPU
+# and the Triton interpreter no FP8 tensors.
+KV_FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def check_kv_cache_dtype(kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise ValueError unless the cache holds ``dtype`` (the queries') or FP8."""
+    if kv_cache.dtype not in (dtype, KV_FP8):
+        raise ValueError(f"kv_cache has dtype {kv_cache.dtype}, expected {dtype} (the queries') or {KV_FP8}")
+
+
+def kv_cache_arg(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel gets for ``kv_cache``: an FP8 cache as its bytes."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype == KV_FP8 else kv_cache
 
 
 def is_interpreted(kernel: object) -> bool:

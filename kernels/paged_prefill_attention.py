@@ -25,12 +25,15 @@ import triton.language as tl
 
 from kernels import (
     FLOAT_DTYPES,
+    KV_FP8,
     check_devices,
     check_dtype,
+    check_kv_cache_dtype,
     check_last_dim_contiguous,
     check_same_dtype,
     check_shape,
     is_interpreted,
+    kv_cache_arg,
 )
 
 
@@ -57,6 +60,7 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     mask_d,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache holds FP8 (e4m3) bytes
 ):
     pos = n_start + offs_n  # (BLOCK_N,) context positions of this tile
     if CAUSAL:
@@ -75,6 +79,8 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     )
     kv_off = row_off[:, None] + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        k = k.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (M, N)
     if CAUSAL:
         visible = (pos[None, :] <= query_pos[:, None]) & in_seq[None, :]
@@ -84,6 +90,8 @@ def _prefill_tile(  # type: ignore[no-untyped-def]
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        v = v.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -116,6 +124,7 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_WORK: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if USE_WORK:
         # Program i computes query block work[1, i] of sequence work[0, i]; -1: nothing.
@@ -150,6 +159,8 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
+    if KV_FP8:
+        q = q.to(tl.float16)  # the dots run in fp16 over FP8 keys and values (see the decode kernel)
     query_pos = prefix_len + offs_m
     block_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_block_table
 
@@ -164,7 +175,7 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_row_ptr, n_start, kv_head,
             query_pos, seq_len, scale_log2e, stride_cache_block, stride_cache_slot,
             stride_cache_head, BLOCK_SIZE, offs_n, offs_d, mask_d,
-            CAUSAL=False, DOT_PRECISION=DOT_PRECISION,
+            CAUSAL=False, DOT_PRECISION=DOT_PRECISION, KV_FP8=KV_FP8,
         )
     # The remaining tiles straddle the diagonal (or the end of the context).
     masked_end = tl.minimum(seq_len, prefix_len + m_start + BLOCK_M)
@@ -173,7 +184,7 @@ def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_row_ptr, n_start, kv_head,
             query_pos, seq_len, scale_log2e, stride_cache_block, stride_cache_slot,
             stride_cache_head, BLOCK_SIZE, offs_n, offs_d, mask_d,
-            CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
+            CAUSAL=True, DOT_PRECISION=DOT_PRECISION, KV_FP8=KV_FP8,
         )
 
     # Every valid row saw at least key 0, so l_i > 0 there.
@@ -254,7 +265,7 @@ def paged_prefill_attention(
     check_shape("query_start_loc", query_start_loc, (num_seqs + 1,))
     check_shape("block_tables", block_tables, (num_seqs, None))
     check_dtype("q", q, FLOAT_DTYPES)
-    check_same_dtype(q=q, kv_cache=kv_cache)
+    check_kv_cache_dtype(kv_cache, q.dtype)
     for name, index in (
         ("query_start_loc", query_start_loc),
         ("seq_lens", seq_lens),
@@ -292,7 +303,7 @@ def paged_prefill_attention(
     block_m, block_n, num_warps, num_stages = config or _launch_config(
         head_dim, max_query_len, q.dtype, interpreted
     )
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache, v_cache = kv_cache_arg(kv_cache)
     if work is None:
         grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
         # Never read when USE_WORK is off.
@@ -331,6 +342,7 @@ def paged_prefill_attention(
         # fp32 inputs would otherwise go through TF32 on the GPU; 16-bit ones ignore it.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_WORK=work is not None,
+        KV_FP8=kv_cache.dtype == KV_FP8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

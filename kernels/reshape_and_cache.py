@@ -12,13 +12,35 @@ import triton.language as tl
 
 from kernels import (
     FLOAT_DTYPES,
+    FP8_MAX,
     INDEX_DTYPES,
+    KV_FP8,
     check_devices,
     check_dtype,
+    check_kv_cache_dtype,
     check_last_dim_contiguous,
     check_same_dtype,
     check_shape,
+    kv_cache_arg,
 )
+
+
+@triton.jit
+def _to_e4m3_bytes(x, FP8_MAX: tl.constexpr):  # type: ignore[no-untyped-def]
+    """The FP8 (e4m3) bytes of ``x``: rounded to nearest (ties to even), saturated at
+    +-FP8_MAX, as torch's cast does. The rounding is done on the float32 bits (3 of 23
+    mantissa bits kept; multiples of 2**-9 below the smallest normal, 2**-6) so that the
+    final conversion is exact: the Triton interpreter's own cast loses the carry when
+    rounding crosses a power of two (31.0 gives 16.0) and the sign of zero."""
+    x = x.to(tl.float32)
+    negative = x.to(tl.int32, bitcast=True) < 0
+    mag = tl.minimum(tl.abs(x), FP8_MAX)
+    bits = mag.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = (mag + 24576.0) - 24576.0  # 1.5 * 2**14: float32 spacing 2**-9 there
+    exact = tl.where(mag < 0.015625, subnormal, normal)
+    byte = exact.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return tl.where(negative, byte | 0x80, byte)
 
 
 @triton.jit
@@ -38,6 +60,8 @@ def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     block_size,
     head_dim,
     BLOCK_D: tl.constexpr,
+    KV_FP8: tl.constexpr,  # write FP8 (e4m3) bytes, saturated at +-FP8_MAX
+    FP8_MAX: tl.constexpr,
 ):
     # One program copies one (token, kv head) row of head_dim elements.
     token = tl.program_id(0)
@@ -49,6 +73,9 @@ def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     mask_d = offs_d < head_dim
     key = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs_d, mask=mask_d)
     value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d, mask=mask_d)
+    if KV_FP8:
+        key = _to_e4m3_bytes(key, FP8_MAX)
+        value = _to_e4m3_bytes(value, FP8_MAX)
     dst = (
         (slot // block_size) * stride_cache_block
         + (slot % block_size) * stride_cache_slot
@@ -76,7 +103,8 @@ def reshape_and_cache(
     check_shape("kv_cache", kv_cache, (2, None, None, num_kv_heads, head_dim))
     check_shape("slot_mapping", slot_mapping, (num_tokens,))
     check_dtype("key", key, FLOAT_DTYPES)
-    check_same_dtype(key=key, value=value, kv_cache=kv_cache)
+    check_same_dtype(key=key, value=value)
+    check_kv_cache_dtype(kv_cache, key.dtype)
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
         check_last_dim_contiguous(name, tensor)
@@ -89,7 +117,7 @@ def reshape_and_cache(
     )
     if num_tokens == 0:
         return
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache, v_cache = kv_cache_arg(kv_cache)
     block_d = triton.next_power_of_2(head_dim)
     _reshape_and_cache_kernel[(num_tokens, num_kv_heads)](
         key,
@@ -107,6 +135,8 @@ def reshape_and_cache(
         kv_cache.shape[2],
         head_dim,
         BLOCK_D=block_d,
+        KV_FP8=kv_cache.dtype == KV_FP8,
+        FP8_MAX=FP8_MAX,
         num_warps=1 if block_d <= 128 else 2,
     )
 
@@ -122,5 +152,14 @@ def reshape_and_cache_ref(
     keep = slot_mapping >= 0  # (T,)
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[0, blocks, offsets] = key[keep]
-    kv_cache[1, blocks, offsets] = value[keep]
+    store = kv_cache_arg(kv_cache)
+    store[0, blocks, offsets] = to_cache_dtype(key[keep], kv_cache.dtype)
+    store[1, blocks, offsets] = to_cache_dtype(value[keep], kv_cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: cast, or for FP8 its bytes, saturated at +-FP8_MAX
+    (torch's cast saturates, as the kernel's clamp does)."""
+    if cache_dtype != KV_FP8:
+        return x.to(cache_dtype)
+    return x.to(KV_FP8).view(torch.uint8)

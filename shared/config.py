@@ -55,6 +55,9 @@ class WorkerConfig:
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (GPU if present)")
     block_size: int = _opt(16, "tokens per KV cache block")
+    kv_cache_dtype: str = _opt("auto", "KV cache elements: auto = the compute dtype; fp8 = e4m3 (half of bf16's "
+                                       "memory and decode reads; rounded to 3 mantissa bits, saturating at +-448)",
+                               choices=("auto", "fp8"))
     kv_cache_gb: float = _opt(2.0, "KV cache size in GiB on the CPU")
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache")
     max_model_len: int | None = _opt(None, "longest sequence (default: the model's context length)")

@@ -363,7 +363,7 @@ class MixedGraphs(_GraphSet[PaddedStep]):
         self.max_seq_len = max_seq_len
         self.max_seqs = max_seqs
         dev = self.device
-        head_dim, dtype = model.config.head_dim, kv_caches[0].dtype
+        head_dim, dtype = model.config.head_dim, model.embed_tokens.weight.dtype
         # bucket -> (decode rows D, query rows per work item, work list size G)
         self.layout: dict[int, tuple[int, int, int]] = {}
         for bucket in self.buckets:

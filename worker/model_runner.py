@@ -184,6 +184,7 @@ class ModelRunner:
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.use_cuda_graphs = use_cuda_graphs and device.is_cuda
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
 
         reserved = 0
         mixed_sizes = mixed_buckets(config.cuda_graph_max_tokens) if self.use_cuda_graphs else ()
@@ -196,7 +197,8 @@ class ModelRunner:
                 reserved += activations * max(mixed_sizes) // PROFILE_NUM_TOKENS + MIXED_GRAPH_MARGIN_BYTES
         available = device.kv_cache_bytes(config, reserved)
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
-        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype, self.num_kv_heads)
+        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_dtype,
+                                                   self.num_kv_heads)
         self.num_blocks = available // bytes_per_block
         if self.num_blocks < 2:
             raise RuntimeError(
@@ -205,10 +207,10 @@ class ModelRunner:
                 f"or use a smaller model"
             )
         self.kv_caches = allocate_kv_caches(
-            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device, self.num_kv_heads
+            self.model_config, self.num_blocks, self.block_size, self.kv_dtype, self.device, self.num_kv_heads
         )
-        log.info("KV cache: %d blocks of %d tokens, %.2f GiB", self.num_blocks, self.block_size,
-                 self.num_blocks * bytes_per_block / (1 << 30))
+        log.info("KV cache: %d blocks of %d tokens, %.2f GiB of %s", self.num_blocks, self.block_size,
+                 self.num_blocks * bytes_per_block / (1 << 30), str(self.kv_dtype).removeprefix("torch."))
         self.states: dict[str, RequestState] = {}
         # The last step sampled and not finalized: at most one (see ``launch``).
         self._unfinalized: LaunchedStep | None = None
@@ -246,7 +248,7 @@ class ModelRunner:
         lens = [seq_len] * (num_seqs - 1) + [PROFILE_NUM_TOKENS - seq_len * (num_seqs - 1)]
         starts = np.concatenate(([0], np.cumsum(lens))).tolist()
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.dtype, dev,
+        scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.kv_dtype, dev,
                                      self.model.num_kv_heads)
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
@@ -414,6 +416,8 @@ class ModelRunner:
         index = self._to_device(host.pin_memory() if self._pin else host)
         src, dst = index[0], index[1]
         for cache in self.kv_caches:  # (2, num_blocks, block_size, kv_heads, head_dim)
+            if cache.dtype == torch.float8_e4m3fn:
+                cache = cache.view(torch.uint8)  # copied as bytes: no FP8 indexing on the CPU
             cache[:, dst] = cache[:, src]
 
     @staticmethod

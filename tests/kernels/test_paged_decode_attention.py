@@ -184,3 +184,27 @@ def test_gpu_fp32(paged_batch, assert_close, head_dim):
     batch = _decode_batch(paged_batch, [1, 300, 5000], 32, 8, head_dim, 16, torch.float32, 6)
     for num_splits in (None, 1):
         assert_close(_run(batch, num_splits), _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_cache_matches_reference(paged_batch, assert_close, seed, num_splits):
+    """An FP8 (e4m3) cache: the kernel converts its bytes in registers; the reference
+    reads the same rounded values, so only the arithmetic differs (fp16 dots over FP8)."""
+    batch = _decode_batch(paged_batch, [1, 17, 70], 8, 2, 32, 4, torch.float32, seed)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    assert_close(_run(batch, num_splits), _ref(batch), 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("batch_size", [1, 64, 256])
+def test_gpu_fp8_cache_real_shapes(paged_batch, assert_close, head_dim, batch_size):
+    rng = random.Random(batch_size + head_dim)
+    longest = 8192 if batch_size == 1 else 2048
+    context_lens = [longest] + [rng.randint(1, longest) for _ in range(batch_size - 1)]
+    batch = _decode_batch(paged_batch, context_lens, 32, 8, head_dim, 16, torch.bfloat16, 4)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    expected = _ref(batch)
+    assert_close(_run(batch), expected, 1e-2)
+    assert_close(_run(batch, num_splits=1), expected, 1e-2)

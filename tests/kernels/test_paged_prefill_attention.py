@@ -420,3 +420,50 @@ def test_explicit_launch_config_matches_reference(paged_batch, assert_close, con
     out = paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
                                   batch.scale, batch.max_query_len, config=config)
     assert_close(out, _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize("case", range(len(CPU_BATCHES)))
+def test_fp8_cache_matches_reference(paged_batch, assert_close, case):
+    """An FP8 (e4m3) cache, cached prefixes and new tokens alike: the kernel converts its
+    bytes in registers, the reference reads the same rounded values."""
+    query_lens, prefix_lens = CPU_BATCHES[case]
+    batch = paged_batch(query_lens=query_lens, prefix_lens=prefix_lens, num_heads=4, num_kv_heads=2, head_dim=32,
+                        block_size=4, dtype=torch.float32, seed=20 + case)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    assert_close(_run(batch), _ref(batch), 1e-3)  # fp16 dots over FP8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_fp8_cache_real_shapes(paged_batch, assert_close, head_dim):
+    batch = paged_batch(query_lens=[1808, 512, 1, 300], prefix_lens=[0, 2048, 700, 4000], num_heads=32,
+                        num_kv_heads=8, head_dim=head_dim, block_size=16, dtype=torch.bfloat16, seed=head_dim)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    assert_close(_run(batch), _ref(batch), 1e-2)
+
+
+@pytest.mark.parametrize("num_padding", [0, 2])
+def test_fp8_backends_agree_on_a_mixed_batch(paged_batch, assert_close, num_padding):
+    """An FP8 cache through both attention backends: the same bytes written (the torch
+    backend's cast and the kernel's rounding agree), and the same output as the reference
+    over the expected cache."""
+    from worker.attention.torch_backend import TorchAttentionBackend
+
+    batch = paged_batch(query_lens=[7, 1, 12, 1], prefix_lens=[5, 20, 0, 3], num_heads=4, num_kv_heads=2,
+                        head_dim=32, block_size=4, dtype=torch.float32, seed=13)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    q, k, v, meta, _, _ = _backend_case(batch, num_padding, seed=14)
+    k = k * 100  # some keys past the e4m3 range: saturated alike
+    expected_cache = batch.kv_cache.clone()
+    reshape_and_cache_ref(k, v, expected_cache, meta.slot_mapping)
+    expected = paged_prefill_attention_ref(
+        q, expected_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, batch.scale
+    )
+    torch_cache = batch.kv_cache.clone()
+    out = TritonAttentionBackend(4, 2, 32, batch.scale).forward(q, k, v, batch.kv_cache, meta)
+    torch_out = TorchAttentionBackend(4, 2, 32, batch.scale).forward(q, k, v, torch_cache, meta)
+    assert torch.equal(batch.kv_cache.view(torch.uint8), expected_cache.view(torch.uint8))
+    assert torch.equal(torch_cache.view(torch.uint8), expected_cache.view(torch.uint8))
+    real = q.shape[0] - num_padding
+    assert_close(out[:real], expected[:real], 1e-2)  # fp16 dots over FP8, scores in the hundreds
+    assert_close(torch_out[:real], expected[:real], 1e-4)

@@ -85,3 +85,43 @@ def test_gpu_real_shapes(dtype: torch.dtype, num_kv_heads: int, head_dim: int):
     reshape_and_cache_ref(key, value, expected, slots)
     reshape_and_cache(key, value, cache, slots)
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_cache_gets_the_rounded_saturated_bytes(dtype: torch.dtype, device: torch.device):
+    """Into an FP8 (e4m3) cache: each value rounded to nearest, and values past +-448
+    saturated, exactly as torch's cast does (the reference)."""
+    key, value, _, slots = _random_case(13, 2, 24, 4, 7, dtype, device, 5, 3)
+    key = key * 30  # some past the e4m3 range
+    first = int((slots >= 0).nonzero()[0])
+    key[first, 0, :3] = torch.tensor([1e4, -1e4, 449.0], dtype=dtype)
+    cache = torch.zeros((2, 7, 4, 2, 24), dtype=torch.float8_e4m3fn, device=device)
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    written = cache.float()
+    assert written.abs().max() == 448.0 and written.isfinite().all()
+    slot = int(slots[first])
+    assert written[0, slot // 4, slot % 4, 0, :3].tolist() == [448.0, -448.0, 448.0]
+
+
+def test_fp8_rounding_equals_torchs_cast_everywhere(device: torch.device):
+    """Every finite e4m3 value, every midpoint between two of them (ties go to even), zeros
+    of both signs, values past the range, and random values at two scales."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[values.isfinite()].sort().values
+    gen = torch.Generator().manual_seed(9)
+    x = torch.cat([
+        values,
+        (values[1:] + values[:-1]) / 2,
+        torch.tensor([0.0, -0.0, 449.0, -460.0, 464.0, 1e5, -1e5]),
+        torch.randn(3_000, generator=gen) * 40,
+        torch.randn(3_000, generator=gen) * 0.01,
+    ])
+    x = torch.cat([x, x.new_zeros(-len(x) % 16)]).view(-1, 1, 16).to(device)
+    tokens = x.shape[0]
+    cache = torch.zeros((2, tokens, 1, 1, 16), dtype=torch.float8_e4m3fn, device=device)
+    reshape_and_cache(x, -x, cache, torch.arange(tokens, device=device))
+    assert torch.equal(cache[0].view(torch.uint8).flatten(), x.to(torch.float8_e4m3fn).view(torch.uint8).flatten())
+    assert torch.equal(cache[1].view(torch.uint8).flatten(), (-x).to(torch.float8_e4m3fn).view(torch.uint8).flatten())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import pytest
 import zmq
@@ -92,3 +93,62 @@ def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None
     assert times.executing_s == pytest.approx(0.026)
     assert summary == ("4 steps: one every 12.00 ms (6.50 ms launch to tokens in the workers), "
                        "2.00 ms here before the next plan")
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_plans_in_flight_and_the_flush_over_real_sockets(async_scheduling: bool) -> None:
+    """A worker played by the test: with asynchronous scheduling the second plan (the decode
+    of the token being sampled) comes before any result, and after the first result a Flush,
+    since the request's last token is in flight; one step at a time, each plan waits for the
+    previous result and no Flush is ever sent."""
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}", async_scheduling=async_scheduling)
+    server = SchedulerServer(config)
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    ctx = zmq.Context()
+    gateway, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    encoder = m.encoder()
+
+    def next_message(sock: zmq.Socket, decoder: Any, timeout_ms: int = 5000) -> Any:
+        assert sock.poll(timeout_ms), "nothing came"
+        return decoder.decode(sock.recv())
+
+    try:
+        worker.connect(config.worker_address)
+        gateway.connect(config.gateway_address)
+        worker.send(encoder.encode(m.WorkerReady(0, 1, 64, 16, 1024, "test", "cpu")))
+        sampling = m.SamplingParams(max_tokens=2, temperature=0.0)
+        gateway.send(encoder.encode(m.AddRequest("a", [1, 2, 3], sampling, arrival_time=0.0)))
+        first = next_message(worker, m.scheduler_to_worker)
+        assert isinstance(first, m.BatchPlan) and first.num_scheduled_tokens == {"a": 3}
+        assert first.lookahead is async_scheduling
+        if async_scheduling:
+            second = next_message(worker, m.scheduler_to_worker)
+            assert isinstance(second, m.BatchPlan) and second.num_scheduled_tokens == {"a": 1}
+            # The worker answers the first plan once the second is launched; with the
+            # request's last token in flight nothing follows, so the scheduler asks for it.
+            worker.send(encoder.encode(m.StepResult(first.step_id, ["a"], [[7]])))
+            assert isinstance(next_message(worker, m.scheduler_to_worker), m.Flush)
+        else:
+            assert not worker.poll(300), "a second plan came before the first result"
+            worker.send(encoder.encode(m.StepResult(first.step_id, ["a"], [[7]])))
+            second = next_message(worker, m.scheduler_to_worker)
+            assert isinstance(second, m.BatchPlan) and second.num_scheduled_tokens == {"a": 1}
+        worker.send(encoder.encode(m.StepResult(second.step_id, ["a"], [[8]])))
+        tokens, reason = [], None
+        while reason is None:
+            outputs = next_message(gateway, m.scheduler_to_gateway)
+            assert isinstance(outputs, m.RequestOutputs)
+            for out in outputs.outputs:
+                tokens += out.new_token_ids
+                reason = out.finish_reason
+        assert (tokens, reason) == ([7, 8], "length")
+        assert not worker.poll(300)  # nothing left: no plan, and no Flush one step at a time
+    finally:
+        server.stop()
+        thread.join(5)
+        server.close()
+        gateway.close(linger=0)
+        worker.close(linger=0)
+        ctx.term()

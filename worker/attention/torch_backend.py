@@ -52,6 +52,12 @@ class _BatchPlan:
     num_rows: int  # rows that belong to a sequence; rows after it are padding
 
 
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``blocks`` of one half of a cache, in ``dtype``: a cache held as bytes is FP8."""
+    gathered = cache.index_select(0, blocks)
+    return gathered.view(torch.float8_e4m3fn).to(dtype) if cache.dtype == torch.uint8 else gathered
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where ``allowed``, -inf elsewhere; SDPA would otherwise convert a bool mask every call."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
@@ -161,6 +167,11 @@ class TorchAttentionBackend(AttentionBackend):
         _, num_blocks, block_size, kvh, d = kv_cache.shape
         t = q.shape[0]
         plan = self._get_plan(meta, block_size, t, q.dtype)
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            # Written and gathered as bytes (torch has no FP8 indexing on the CPU), read back
+            # in the queries' dtype (``_gather``). The cast saturates at +-448.
+            kv_cache = kv_cache.view(torch.uint8)
+            k, v = k.to(torch.float8_e4m3fn).view(torch.uint8), v.to(torch.float8_e4m3fn).view(torch.uint8)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, KV, D)
 
         flat_k = key_cache.view(num_blocks * block_size, kvh, d)
@@ -199,8 +210,8 @@ class TorchAttentionBackend(AttentionBackend):
         group = self.num_heads // kvh
         # Query head h reads KV head h // group, so (H,) splits as (KV, group).
         qg = q.reshape(b, kvh, group, d)  # (Bd, KV, G, D)
-        keys = key_cache.index_select(0, plan.decode_blocks).view(b, -1, kvh, d)  # (Bd, L, KV, D)
-        values = value_cache.index_select(0, plan.decode_blocks).view(b, -1, kvh, d)
+        keys = _gather(key_cache, plan.decode_blocks, q.dtype).view(b, -1, kvh, d)  # (Bd, L, KV, D)
+        values = _gather(value_cache, plan.decode_blocks, q.dtype).view(b, -1, kvh, d)
         out = F.scaled_dot_product_attention(
             qg,
             keys.transpose(1, 2),  # (Bd, KV, L, D)
@@ -218,8 +229,8 @@ class TorchAttentionBackend(AttentionBackend):
         ext: _Extend,
     ) -> torch.Tensor:  # (n, H, D)
         kvh, d = self.num_kv_heads, self.head_dim
-        keys = key_cache.index_select(0, ext.blocks).view(-1, kvh, d)[: ext.seq_len]  # (S, KV, D)
-        values = value_cache.index_select(0, ext.blocks).view(-1, kvh, d)[: ext.seq_len]
+        keys = _gather(key_cache, ext.blocks, q.dtype).view(-1, kvh, d)[: ext.seq_len]  # (S, KV, D)
+        values = _gather(value_cache, ext.blocks, q.dtype).view(-1, kvh, d)[: ext.seq_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # (H, n, D)
             keys.transpose(0, 1),  # (KV, S, D)
