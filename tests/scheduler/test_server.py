@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,19 +17,32 @@ from shared.config import SchedulerConfig
 from tests.stack import free_port
 
 
-def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
-                             worker_address=f"tcp://127.0.0.1:{free_port()}")
+@contextlib.contextmanager
+def running_server(config: SchedulerConfig) -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    """A scheduler server on a thread, and a gateway and a worker socket connected to it."""
     server = SchedulerServer(config)
     thread = threading.Thread(target=server.run)
-    caplog.set_level(logging.WARNING, logger="scheduler.server")
     thread.start()
     ctx = zmq.Context()
-    gateway = ctx.socket(zmq.DEALER)
-    worker = ctx.socket(zmq.DEALER)
+    gateway, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         gateway.connect(config.gateway_address)
         worker.connect(config.worker_address)
+        yield gateway, worker
+    finally:
+        server.stop()
+        thread.join(5)
+        server.close()
+        gateway.close(linger=0)
+        worker.close(linger=0)
+        ctx.term()
+
+
+def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}")
+    caplog.set_level(logging.WARNING, logger="scheduler.server")
+    with running_server(config) as (gateway, worker):
         gateway.send(b"\x93\xff garbage")
         gateway.send_multipart([b"two", b"frames"])
         worker.send(b"\x00\x01")
@@ -38,13 +53,6 @@ def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture)
         status = m.scheduler_to_gateway.decode(gateway.recv())
         assert isinstance(status, m.SchedulerStatus) and status.nonce == 7
         assert not status.workers_ready
-    finally:
-        server.stop()
-        thread.join(5)
-        server.close()
-        gateway.close(linger=0)
-        worker.close(linger=0)
-        ctx.term()
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) >= 3, dropped
 
@@ -103,20 +111,13 @@ def test_plans_in_flight_and_the_flush_over_real_sockets(async_scheduling: bool)
     previous result and no Flush is ever sent."""
     config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
                              worker_address=f"tcp://127.0.0.1:{free_port()}", async_scheduling=async_scheduling)
-    server = SchedulerServer(config)
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    ctx = zmq.Context()
-    gateway, worker = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     encoder = m.encoder()
 
     def next_message(sock: zmq.Socket, decoder: Any, timeout_ms: int = 5000) -> Any:
         assert sock.poll(timeout_ms), "nothing came"
         return decoder.decode(sock.recv())
 
-    try:
-        worker.connect(config.worker_address)
-        gateway.connect(config.gateway_address)
+    with running_server(config) as (gateway, worker):
         worker.send(encoder.encode(m.WorkerReady(0, 1, 64, 16, 1024, "test", "cpu")))
         sampling = m.SamplingParams(max_tokens=2, temperature=0.0)
         gateway.send(encoder.encode(m.AddRequest("a", [1, 2, 3], sampling, arrival_time=0.0)))
@@ -145,10 +146,3 @@ def test_plans_in_flight_and_the_flush_over_real_sockets(async_scheduling: bool)
                 reason = out.finish_reason
         assert (tokens, reason) == ([7, 8], "length")
         assert not worker.poll(300)  # nothing left: no plan, and no Flush one step at a time
-    finally:
-        server.stop()
-        thread.join(5)
-        server.close()
-        gateway.close(linger=0)
-        worker.close(linger=0)
-        ctx.term()

@@ -34,7 +34,6 @@ from worker.cuda_graphs import (
     PAD_SEQ_LEN,
     PAD_SLOT,
     DecodeGraphs,
-    LateTokens,
     MixedGraphs,
     PaddedDecode,
     bucket_for,
@@ -415,7 +414,7 @@ def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) 
 @pytest.mark.gpu
 @needs_gpu
 def test_pipelined_steps_equal_the_same_plans_one_at_a_time(
-    gpu_runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+    gpu_runner: ModelRunner, late_token_rows: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With asynchronous scheduling each step is launched before the last one's tokens are
     read, and its decodes take their input ids from the device (``LateTokens``, written into
@@ -453,14 +452,6 @@ def test_pipelined_steps_equal_the_same_plans_one_at_a_time(
         results.append(finalize(step))
         return results[-1]
 
-    fills: list[int] = []
-    fill = LateTokens.fill
-
-    def counted_fill(late: LateTokens, input_ids: torch.Tensor) -> None:
-        fills.append(len(late.rows))
-        fill(late, input_ids)
-
-    monkeypatch.setattr(LateTokens, "fill", counted_fill)
     replays_before = runner.graphs.num_replays if runner.graphs else 0
     try:
         runner.launch = recorded_launch  # type: ignore[method-assign]
@@ -471,7 +462,7 @@ def test_pipelined_steps_equal_the_same_plans_one_at_a_time(
         del runner.launch, runner.sample, runner.finalize
     assert syncs == []
     assert runner.graphs is not None and runner.graphs.num_replays > replays_before + 20
-    assert len(fills) > 20 and sum(fills) > 200
+    assert len(late_token_rows) > 20 and sum(late_token_rows) > 200
     monkeypatch.undo()
     runner.reset()
     again = [runner.execute(plan) for plan in plans]
