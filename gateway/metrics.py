@@ -12,20 +12,37 @@ Two kinds of source:
   scheduled tokens, parallel-sampling forks and their block copies), so
   they are exposed by a collector that reads the latest status at scrape time
   instead of being replayed through ``inc()``.
+
+Several gateway processes behind one port (``serve --gateway-workers N``): a scrape
+lands on any of them, so each must answer for all. ``serve`` then gives every gateway
+``PROMETHEUS_MULTIPROC_DIR``, which makes prometheus_client (at import) keep each
+counter and histogram value in a per-process file there, whatever registry holds the
+metric. ``/metrics`` then sums those files with the library's ``MultiProcessCollector``
+and adds the scheduler collector of the answering process: every gateway polls the
+same scheduler, so its numbers are shown once, never summed. The gateway has no
+``Gauge`` of its own (the scheduler's gauges come from that collector), hence no
+live-gauge files to drop when a process exits (``mark_process_dead``), and it uses no
+``Info`` or ``Enum``, the types the multi-process mode cannot hold. Counters and
+histograms carry no ``_created`` sample in that mode. One ``GatewayMetrics`` per
+process in that mode: two in one process would write the same file entries.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 PREFIX = "loomserve_"
+# Set by ``serve`` for its gateways when there are several; read by prometheus_client itself.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Time to first token: a cached prefix answers in milliseconds, a long prompt behind a
 # full queue in minutes.
@@ -203,7 +220,22 @@ class GatewayMetrics:
                                              "Requests refused by a rate limit, by tenant and limit.",
                                              ["tenant", "limit"], registry=r)
         self._scheduler = _SchedulerCollector()
-        r.register(self._scheduler)
+        self.exposition = self._exposition_registry()
+
+    def _exposition_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this process's registry, or with ``PROMETHEUS_MULTIPROC_DIR``
+        the sum over every gateway process's files; the scheduler collector in both."""
+        path = os.environ.get(MULTIPROC_DIR_ENV)
+        if path is None:
+            self.registry.register(self._scheduler)
+            return self.registry
+        if values.ValueClass is values.MutexValue:
+            raise RuntimeError(f"{MULTIPROC_DIR_ENV} was set after prometheus_client was imported: this "
+                               f"process's metrics would never reach {path}")
+        exposition = CollectorRegistry()
+        MultiProcessCollector(exposition, path)
+        exposition.register(self._scheduler)
+        return exposition
 
     def observe_request(self, endpoint: str, status: int, *, e2e_s: float | None = None,
                         ttft_s: float | None = None, tpot_s: float | None = None) -> None:
@@ -243,4 +275,4 @@ class GatewayMetrics:
 
     def metrics_response(self) -> tuple[bytes, str]:
         """The exposition text and its content type, for a ``/metrics`` route."""
-        return metrics_response(self.registry)
+        return metrics_response(self.exposition)

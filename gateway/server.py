@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -86,12 +87,39 @@ def load_model_info(config: GatewayConfig) -> ModelInfo:
                      model_revision(model_path))
 
 
+def shared_listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` that other gateway processes may bind as well.
+
+    With SO_REUSEPORT on every one of them, the kernel hashes each new connection to one
+    of the processes listening there, so N gateways share one port and its load. Linux
+    lets only processes of the same user join, so no other user can take connections.
+    uvicorn calls ``listen()`` after the app's start-up, so a replica gets connections
+    only once it can serve them.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve_gateway(config: GatewayConfig) -> None:
     setup_tracing("loomserve-gateway", config.otlp_endpoint)
     model = load_model_info(config)
     if not config.redis_url:
         log.warning("no --redis-url: rate limits and the response cache live in this process and are not "
                     "shared with other gateway replicas")
+    try:
+        sockets = [shared_listening_socket(config.host, config.port)] if config.reuse_port else None
+    except OSError as e:  # as uvicorn does for a port it binds itself: one line, no traceback
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, e)
+        raise SystemExit(1) from e
     engine = EngineClient(config.scheduler_address)
     app = create_app(config, engine, model, key_store(config))
     server = uvicorn.Server(uvicorn.Config(
@@ -106,10 +134,10 @@ def serve_gateway(config: GatewayConfig) -> None:
     # signal into the handler it found: ours, so the process exits 0, not -15.
     install_stop_handler(stop)
     parent_watchdog(int(os.environ.get("LOOMSERVE_SUPERVISOR_PID", "0")), stop)
-    log.info("gateway for %s listening on http://%s:%d (scheduler at %s)",
-             model.name, config.host, config.port, config.scheduler_address)
+    log.info("gateway for %s listening on http://%s:%d%s (scheduler at %s)", model.name, config.host, config.port,
+             ", port shared with other gateways" if config.reuse_port else "", config.scheduler_address)
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         shutdown_tracing()
     log.info("gateway stopped")

@@ -78,6 +78,8 @@ class WorkerConfig:
 class GatewayConfig:
     host: str = _opt("127.0.0.1", "address the HTTP server listens on")
     port: int = _opt(8000, "HTTP port")
+    reuse_port: bool = _opt(False, "share the port with other gateway processes (SO_REUSEPORT): the kernel spreads "
+                                   "connections over them")
     scheduler_address: str = _opt(DEFAULT_GATEWAY_ADDRESS, "ZeroMQ address of the scheduler's gateway socket")
     model: str | None = _opt(None, "model whose tokenizer the gateway uses (default: SmolLM2-135M-Instruct)")
     tokenizer: str = _opt("auto", "auto: the model's own, or a synthetic one for a dummy shape name such as "

@@ -1,16 +1,16 @@
-"""``loomserve serve``: start scheduler, worker and gateway as OS processes and watch them.
+"""``loomserve serve``: start scheduler, worker and gateways as OS processes and watch them.
 
 Children live in their own process group, so Ctrl-C reaches only the supervisor,
-which then stops them in order: the gateway first (it drains open streams),
-then the scheduler and workers. Each child also gets SIGTERM from the kernel if
-the supervisor dies (PR_SET_PDEATHSIG), and watches its parent pid as a
-backup.
+which then stops them in two groups: the front (the gateways, all at once with one
+shared deadline, each draining its open streams while the scheduler and workers
+still run), then the rest. Each child also gets SIGTERM from the kernel if the
+supervisor dies (PR_SET_PDEATHSIG), and watches its parent pid as a backup.
 
 A worker group that dies (a rank crashed, was killed, or failed a step) is
 started again: the scheduler has already failed its in-flight requests and
 answers 503 until every rank registers again. More than ``_MAX_RESTARTS``
 restarts within ``_RESTART_WINDOW_S`` means it will not get better: then, as
-when the scheduler or the gateway exits, the others are stopped and ``serve``
+when the scheduler or any gateway exits, the others are stopped and ``serve``
 exits non-zero: no half-alive service, no orphans.
 """
 
@@ -52,9 +52,15 @@ def config_argv(config: Any) -> list[str]:
 
 @dataclass
 class Child:
+    """One process of the service. ``front`` children (the gateways) take the traffic: they
+    are stopped first, so that they drain their streams while the engine behind them runs.
+    ``env`` is added to the supervisor's environment for this child only."""
+
     name: str
     argv: list[str]
     restartable: bool = False
+    front: bool = False
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)  # monotonic times
 
@@ -70,7 +76,8 @@ class Supervisor:
         self._stop_requested = False
 
     def _spawn(self, child: Child) -> None:
-        env = {**os.environ, "LOOMSERVE_SUPERVISOR_PID": str(os.getpid())}
+        env = {**os.environ, **child.env, "LOOMSERVE_SUPERVISOR_PID": str(os.getpid()),
+               "LOOMSERVE_PROCESS_NAME": child.name}
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", *child.argv],
             env=env,
@@ -126,19 +133,25 @@ class Supervisor:
         return True
 
     def shutdown(self) -> None:
-        """Gateway first (graceful drain), then everything else; kill what lingers."""
-        for group in (self.children[-1:], self.children[:-1]):
-            live = [c for c in group if c.proc is not None and c.proc.poll() is None]
-            for child in live:
-                assert child.proc is not None
-                child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + (_GRACE_S if group is self.children[-1:] else _KILL_AFTER_S)
-            for child in live:
-                assert child.proc is not None
-                try:
-                    child.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in time; killing it", child.name)
-                    child.proc.kill()
-                    child.proc.wait()
+        """The front first (graceful drain), then everything else; kill what lingers."""
+        self._stop_group([c for c in self.children if c.front], _GRACE_S)
+        self._stop_group([c for c in self.children if not c.front], _KILL_AFTER_S)
         log.info("all processes stopped")
+
+    @staticmethod
+    def _stop_group(group: list[Child], timeout_s: float) -> None:
+        """SIGTERM to every live child of ``group`` at once, then wait for all of them until
+        one shared deadline: N gateways drain in parallel, not one after the other."""
+        live = [c for c in group if c.proc is not None and c.proc.poll() is None]
+        for child in live:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in live:
+            assert child.proc is not None
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()

@@ -1,13 +1,19 @@
-"""Gateway metrics: names in the exposition, per-tenant cost arithmetic, scheduler-fed counters."""
+"""Gateway metrics: names in the exposition, per-tenant cost arithmetic, scheduler-fed counters,
+and the sum over several gateway processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import (
     E2E_BUCKETS,
+    MULTIPROC_DIR_ENV,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
     GatewayMetrics,
@@ -15,6 +21,7 @@ from gateway.metrics import (
     time_per_output_token,
 )
 from shared import messages as m
+from tests.exposition import SampleKey, exposed_samples
 
 ALL_METRICS = [
     "loomserve_requests_total",
@@ -42,14 +49,10 @@ ALL_METRICS = [
 ]
 
 
-def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def samples(metrics: GatewayMetrics) -> dict[SampleKey, float]:
     """Every sample of the text exposition, parsed back: (name, sorted labels) -> value."""
     body, _ = metrics.metrics_response()
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return exposed_samples(body.decode())
 
 
 def value(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
@@ -215,3 +218,66 @@ def test_time_per_output_token() -> None:
     assert time_per_output_token(0.5, 0.7, 0) is None
     # Clocks read in another order never give a negative time.
     assert time_per_output_token(1.0, 0.9, 3) == 0.0
+
+
+# One gateway process: n requests answered, one refused by a rate limit, and a scheduler
+# status of its own (queue depth n); then its /metrics exposition on stdout.
+_GATEWAY_PROCESS = """
+import sys
+from gateway.metrics import GatewayMetrics, SchedulerSnapshot
+n = int(sys.argv[1])
+g = GatewayMetrics()
+for _ in range(n):
+    g.observe_request("/v1/completions", 200, e2e_s=0.5, ttft_s=0.1, tpot_s=0.01)
+g.observe_request("/v1/completions", 429)
+g.observe_tokens("acme", 10 * n, n)
+g.observe_cache_lookup(True)
+g.observe_cache_lookup(False)
+g.observe_cache_error("get")
+g.observe_rate_limit_rejection("acme", "requests")
+g.update_from_status(SchedulerSnapshot(num_waiting=n, num_total_blocks=100, num_free_blocks=90, num_steps=7))
+sys.stdout.buffer.write(g.metrics_response()[0])
+"""
+
+
+def _gateway_process(metrics_dir: Path, requests: int) -> dict[SampleKey, float]:
+    """Run one gateway's metrics in a fresh interpreter (the variable must be set before
+    prometheus_client is imported) and parse what its /metrics shows."""
+    out = subprocess.run([sys.executable, "-c", _GATEWAY_PROCESS, str(requests)], capture_output=True, text=True,
+                         check=True, env={**os.environ, MULTIPROC_DIR_ENV: str(metrics_dir)}).stdout
+    return exposed_samples(out)
+
+
+def test_several_gateway_processes_expose_their_sum_and_the_scheduler_once(tmp_path: Path) -> None:
+    _gateway_process(tmp_path, requests=3)
+    s = _gateway_process(tmp_path, requests=5)  # sees the first process's file as well as its own
+    for metric in ALL_METRICS:
+        assert any(name.startswith(metric) for name, _ in s), metric
+    completions = (("endpoint", "/v1/completions"),)
+    assert s[("loomserve_requests_total", (*completions, ("status", "200")))] == 8
+    assert s[("loomserve_requests_total", (*completions, ("status", "429")))] == 2
+    assert s[("loomserve_e2e_latency_seconds_count", ())] == 8
+    assert s[("loomserve_e2e_latency_seconds_sum", ())] == 4.0
+    assert s[("loomserve_e2e_latency_seconds_bucket", (("le", "0.5"),))] == 8
+    assert s[("loomserve_e2e_latency_seconds_bucket", (("le", "0.25"),))] == 0
+    assert s[("loomserve_ttft_seconds_count", ())] == 8
+    assert s[("loomserve_prompt_tokens_total", (("tenant", "acme"),))] == 80
+    assert s[("loomserve_completion_tokens_total", (("tenant", "acme"),))] == 8
+    assert s[("loomserve_response_cache_hits_total", ())] == 2
+    assert s[("loomserve_response_cache_errors_total", (("op", "get"),))] == 2
+    assert s[("loomserve_rate_limit_rejections_total", (("limit", "requests"), ("tenant", "acme")))] == 2
+    # The scheduler's numbers are the answering process's latest status, not a sum.
+    assert s[("loomserve_queue_depth", ())] == 5
+    assert s[("loomserve_kv_blocks_used", ())] == 10
+    assert s[("loomserve_kv_blocks_total", ())] == 100
+    assert s[("loomserve_engine_steps_total", ())] == 7
+    # one counter file and one histogram file per process (no gauge files to clean up at exit)
+    assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == ["counter"] * 2 + ["histogram"] * 2
+
+
+def test_multiprocess_directory_set_too_late_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus_client picks its value store at import: set afterwards, the variable would
+    leave every value in this process and /metrics would show the others' only."""
+    monkeypatch.setenv(MULTIPROC_DIR_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match="set after prometheus_client was imported"):
+        GatewayMetrics()
