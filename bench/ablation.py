@@ -4,6 +4,8 @@ with dummy weights (bf16).
 
     python -m bench.ablation --out results/ablation.json
     python -m bench.ablation --smoke --out /tmp/ablation-smoke.json    # every row, tiny shape, CPU
+    python -m bench.ablation --out results/ablation-gw4.json --rows loomserve-continuous \
+        --gateway-workers 4 --client-processes 4       # four gateway processes, four client processes
 
 Every row runs in this one script on one GPU, one after another, on the same requests (the
 first ``--num-requests`` of the ``rag`` workload, token-id prompts, outputs forced to their
@@ -22,6 +24,11 @@ planned length and capped at ``--max-output-len``), and the batch size of ``--ma
 | ``loomserve-continuous`` | the same with ``--batching continuous``                                        |
 | ``engine``             | loomserve's scheduler and model runner in this process (``LocalEngine``, as       |
 |                        | ``bench.gpu_engine``), continuous batching: what gateway and sockets cost        |
+
+The loomserve HTTP rows take two more options, both recorded in the settings:
+``--gateway-workers N`` (``loomserve serve --gateway-workers N``, N gateway processes on one port;
+passed only above 1, so a server without the option runs the others) and ``--client-processes K``
+(``bench.serving``'s client processes, so that the load generator keeps up with those gateways).
 
 The Hugging Face models are ``LlamaForCausalLM`` built from a ``LlamaConfig`` of the same shape
 (``shared/dummy_shapes.py``) with random weights, SDPA attention.
@@ -146,6 +153,8 @@ class Settings:
     kv_cache_gb: float  # loomserve's KV cache on the CPU (the GPU sizes its own)
     seed: int = 0
     tp: int = 1  # loomserve's tensor-parallel size (HTTP rows only); GPU count for cost and rooflines
+    gateway_workers: int = 1  # loomserve's gateway processes (HTTP rows only)
+    client_processes: int = 1  # bench.serving's client processes (HTTP rows only)
 
 
 def parse_per_row(values: Sequence[str], default: int, flag: str) -> dict[str, int]:
@@ -201,6 +210,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--tp", type=int, default=1,
                         help="serve over this many GPUs (--tp of loomserve serve); loomserve HTTP rows only. "
                              "Cost, GPU utilisation and the rooflines then count every GPU of the group")
+    parser.add_argument("--gateway-workers", type=int, default=1,
+                        help="gateway processes of loomserve serve (--gateway-workers), HTTP rows; "
+                             "passed only above 1 (default: %(default)s)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes of the bench.serving load generator, HTTP rows (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"every row at the {SMOKE_SHAPE} shape on the CPU in float32, few requests: "
                              "proves the code paths, measures nothing")
@@ -228,9 +242,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             copy_bytes=(64 << 20) if smoke else gpu_engine.COPY_BYTES,
             kv_cache_gb=0.25,
             tp=args.tp,
+            gateway_workers=args.gateway_workers,
+            client_processes=args.client_processes,
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if settings.gateway_workers < 1 or settings.client_processes < 1:
+        parser.error("--gateway-workers and --client-processes must be at least 1")
     if settings.tp > 1 and not set(settings.rows) <= {"loomserve-static", "loomserve-continuous"}:
         parser.error("--tp above 1 runs the loomserve HTTP rows only: pass --rows loomserve-continuous "
                      "(and/or loomserve-static)")
@@ -291,6 +309,7 @@ class GpuSampler:
         self.interval_s = interval_s
         self.error: str | None = None
         self.util: list[float] = []
+        self.times: list[float] = []  # time.perf_counter() of each util sample
         self.mem_used: list[int] = []
         self._handles: list[Any] = []
         self._nvml: Any = None
@@ -336,16 +355,22 @@ class GpuSampler:
             try:
                 nvml = self._nvml
                 self.util.append(float(np.mean([nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])))
+                self.times.append(time.perf_counter())
                 self.mem_used.append(max(int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles))
             except Exception as exc:
                 self.error = f"NVML sampling failed: {exc}"
                 return
             self._stop.wait(self.interval_s)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, window: tuple[float, float] | None = None) -> dict[str, Any]:
+        """Mean utilisation over the samples taken inside ``window`` (``time.perf_counter()``
+        readings; None: all of them), so that what ran before the timed part (a benchmark's
+        client processes starting) does not dilute it."""
+        util = self.util if window is None else [u for u, t in zip(self.util, self.times, strict=True)
+                                                 if window[0] <= t <= window[1]]
         return {
-            "gpu_util_mean_pct": float(np.mean(self.util)) if self.util else None,
-            "gpu_util_samples": len(self.util),
+            "gpu_util_mean_pct": float(np.mean(util)) if util else None,
+            "gpu_util_samples": len(util),
             "gpu_mem_used_max_gib": max(self.mem_used) / (1 << 30) if self.mem_used else None,
             "gpu_sampler_error": self.error,
         }
@@ -649,6 +674,8 @@ def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
         argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
     if s.cuda_graph_max_tokens is not None:
         argv += ["--cuda-graph-max-tokens", str(s.cuda_graph_max_tokens)]
+    if s.gateway_workers > 1:
+        argv += ["--gateway-workers", str(s.gateway_workers)]
     return argv
 
 
@@ -689,7 +716,8 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
 
             def bench(workload: Workload, timeout_s: float) -> Any:
                 config = BenchConfig(workload, base_url=base_url, model=ctx.shape,
-                                     request_timeout_s=max(1.0, timeout_s))
+                                     request_timeout_s=max(1.0, timeout_s),
+                                     client_processes=ctx.settings.client_processes)
                 return asyncio.run(run_benchmark(config))
 
             rng = np.random.default_rng(0)
@@ -704,8 +732,9 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
                 run.batch1_median_step_ms = single.metrics.tpot_ms.median
             with GpuSampler(ctx.settings.tp) as gpu:
                 result = bench(workload_of("rag", ctx.requests, {}), ctx.deadline - time.perf_counter())
-            run.gpu = gpu.summary()
+            run.gpu = gpu.summary(result.window)
             run.outcomes, run.duration_s = result.outcomes, result.metrics.duration_s
+            run.details["client_cpu_us_per_output_token"] = result.client_cpu_us_per_output_token
             run.truncated = result.metrics.failed > 0 and time.perf_counter() >= ctx.deadline
             if result.metrics.failed:
                 run.details["serve_log_tail"] = group.log_tail("serve")
@@ -876,6 +905,16 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def settings_json(settings: Settings) -> dict[str, Any]:
+    """The result file's settings: every field of ``settings`` and the batch-1 request."""
+    return {
+        **{k: v for k, v in settings.__dict__.items() if k != "dtype"},
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "batch1_prompt": BATCH1_PROMPT,
+        "batch1_tokens": BATCH1_TOKENS,
+    }
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -951,12 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": library_versions(),
         "matmul_peak_flops": peak,
         "copy_bandwidth_bytes_per_s": copy_bw,
-        "settings": {
-            **{k: v for k, v in settings.__dict__.items() if k != "dtype"},
-            "dtype": str(settings.dtype).removeprefix("torch."),
-            "batch1_prompt": BATCH1_PROMPT,
-            "batch1_tokens": BATCH1_TOKENS,
-        },
+        "settings": settings_json(settings),
         "shapes": shapes,
         "complete": False,
     }

@@ -16,6 +16,26 @@ Run-level: duration is the wall time from the first send to the last response;
 throughputs divide completed requests, output tokens and input + output tokens by it.
 A request fails on a non-200 status, an error event, a stream without content, usage or
 ``[DONE]``, a transport error or its hard timeout; it is counted and never stops the run.
+Client CPU (user + system, every thread of every client process, first send to last
+response) per output token tells whether the load generator was near saturation: at about
+50 µs a token, one client process tops out near 20k streamed tokens/s.
+
+Client processes (``--client-processes K``), so that the load generator is not the bottleneck:
+
+| what              | how it is shared among the K processes                                   |
+|-------------------|--------------------------------------------------------------------------|
+| requests          | dealt round-robin, request i to process i mod K, so every share has the  |
+|                   | workload's mix; outcomes merged back in workload order                   |
+| arrival times     | drawn once for the whole run; each process sends its requests at their   |
+|                   | offsets from one start instant, given once every process is ready        |
+| concurrency limit | split as evenly as it goes (10 over 4: 3, 3, 2, 2), so the total stays;  |
+|                   | a slot freed in one process serves only that process's requests          |
+| metrics           | computed once, over all outcomes, as for one process                     |
+
+Per-request times are differences of one process's clock readings. The run's first send and
+last response compare readings of different processes: ``time.perf_counter`` is
+CLOCK_MONOTONIC on Linux, one clock for the whole host, which is what makes them comparable.
+K = 1 runs in this process; K > 1 spawns K processes (never more than requests or slots).
 
     python -m bench.serving --workload rag --num-requests 200 --concurrency 32 \\
         --output-json results/rag.json --label baseline
@@ -29,15 +49,20 @@ import contextlib
 import json
 import logging
 import math
+import multiprocessing
+import multiprocessing.connection
 import platform
 import shlex
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +89,9 @@ ENDPOINT_PATHS: dict[str, str] = {
 }
 DEFAULT_NUM_REQUESTS = 200
 _ERROR_BODY_CHARS = 300
+# Spawning a client process imports this module (and the parent's main module) afresh.
+_CLIENT_START_TIMEOUT_S = 120.0
+_READY = "ready"  # what a client process sends once it can start sending requests
 
 
 @dataclass(frozen=True)
@@ -82,10 +110,13 @@ class BenchConfig:
     label: str | None = None
     command: str | None = None  # the command line to record with the results
     max_error_messages: int = 5
+    client_processes: int = 1  # processes sharing the requests (module docstring)
 
     def __post_init__(self) -> None:
         if not self.workload.requests:
             raise ValueError(f"workload {self.workload.name!r} has no requests")
+        if self.client_processes < 1:
+            raise ValueError(f"client_processes must be at least 1, got {self.client_processes}")
         if self.endpoint not in ENDPOINT_PATHS:
             raise ValueError(f"endpoint must be one of {sorted(ENDPOINT_PATHS)}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -99,6 +130,12 @@ class BenchConfig:
                 "the chat endpoint needs text prompts; pass a tokenizer to build the "
                 "workload as text, or use the completions endpoint"
             )
+
+    @property
+    def num_client_processes(self) -> int:
+        """The processes a run uses: client_processes, but none without a request or a slot."""
+        most = min(self.client_processes, len(self.workload.requests))
+        return most if self.concurrency is None else min(most, self.concurrency)
 
 
 @dataclass
@@ -169,6 +206,13 @@ class BenchResult:
     metadata: dict[str, Any]
     metrics: BenchMetrics
     outcomes: list[RequestOutcome]
+    client_cpu_s: float  # user + system time of every client process over the run
+    window: tuple[float, float]  # time.perf_counter() of the run's first send and last response
+
+    @property
+    def client_cpu_us_per_output_token(self) -> float | None:
+        tokens = self.metrics.total_output_tokens
+        return self.client_cpu_s * 1e6 / tokens if tokens else None
 
     def to_json(self) -> dict[str, Any]:
         """The result file's content (bench/README.md describes each field)."""
@@ -188,6 +232,7 @@ class BenchResult:
                 "seed": config.seed,
                 "ignore_eos": config.ignore_eos,
                 "request_timeout_s": config.request_timeout_s,
+                "client_processes": config.num_client_processes,
             },
             "workload": config.workload.describe(),
             "metrics": {
@@ -205,6 +250,8 @@ class BenchResult:
                 "e2el_ms": _summary_json(metrics.e2el_ms),
                 "output_len_mismatches": metrics.output_len_mismatches,
                 "errors": metrics.errors,
+                "client_cpu_s": self.client_cpu_s,
+                "client_cpu_us_per_output_token": self.client_cpu_us_per_output_token,
             },
             "requests": [
                 {
@@ -223,6 +270,7 @@ class BenchResult:
     def format_table(self) -> str:
         config, m = self.config, self.metrics
         rate = "all at once" if math.isinf(config.request_rate) else f"{config.request_rate:g}/s"
+        cpu_us = self.client_cpu_us_per_output_token
         rows: list[tuple[str, str]] = [
             ("label", config.label or "-"),
             ("model", f"{self.model} ({config.endpoint}, {config.base_url})"),
@@ -234,6 +282,8 @@ class BenchResult:
             ("request throughput (req/s)", f"{m.request_throughput:.2f}"),
             ("output token throughput (tok/s)", f"{m.output_throughput:.1f}"),
             ("total token throughput (tok/s)", f"{m.total_token_throughput:.1f}"),
+            ("client processes", str(config.num_client_processes)),
+            ("client CPU per output token (µs)", "n/a" if cpu_us is None else f"{cpu_us:.1f}"),
         ]
         if m.output_len_mismatches:
             rows.append(("outputs not of planned length", str(m.output_len_mismatches)))
@@ -312,33 +362,20 @@ async def fetch_first_model(client: httpx.AsyncClient) -> str:
 
 async def run_benchmark(config: BenchConfig) -> BenchResult:
     """Send the workload's requests as configured and measure them."""
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    # The pool must never be the bottleneck: a request waiting for a connection would be
-    # timed as if the server were slow.
-    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
-    async with httpx.AsyncClient(base_url=config.base_url, headers=headers, limits=limits, timeout=None) as client:
-        model = config.model or await fetch_first_model(client)
-        requests = config.workload.requests
-        arrivals = poisson_arrivals(len(requests), config.request_rate, config.seed)
-        slots = asyncio.Semaphore(config.concurrency or max(1, len(requests)))
-        progress = _Progress(len(requests))
-
-        async def send(request: BenchRequest) -> RequestOutcome:
-            async with slots:
-                outcome = await _timed_request(client, config, model, request)
-            progress.advance()
-            return outcome
-
-        start = time.perf_counter()
-        tasks: list[asyncio.Task[RequestOutcome]] = []
-        for request, offset in zip(requests, arrivals, strict=True):
-            delay = start + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(request)))
-        outcomes = list(await asyncio.gather(*tasks))
-        duration = time.perf_counter() - start
-
+    requests = config.workload.requests
+    arrivals = poisson_arrivals(len(requests), config.request_rate, config.seed)
+    model = config.model or await _first_model(config)
+    if config.num_client_processes == 1:
+        async with _http_client(config) as client:
+            runs = [await _send_requests(client, config, model, arrivals, time.perf_counter(),
+                                         _Progress(len(requests)))]
+        parent_cpu_s = 0.0
+    else:
+        shards = shard_requests(config, model, arrivals)
+        runs, parent_cpu_s = await asyncio.to_thread(run_client_processes, shards)
+    outcomes = merge_outcomes([run.outcomes for run in runs])
+    window = (min(run.first_send for run in runs), max(run.last_response for run in runs))
+    duration = window[1] - window[0]
     metrics = compute_metrics(
         outcomes,
         duration,
@@ -350,7 +387,193 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             "%d completed requests did not produce their planned output length although ignore_eos was set",
             metrics.output_len_mismatches,
         )
-    return BenchResult(config, model, run_metadata(config), metrics, outcomes)
+    client_cpu_s = parent_cpu_s + sum(run.cpu_s for run in runs)
+    return BenchResult(config, model, run_metadata(config), metrics, outcomes, client_cpu_s, window)
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    """One client process's part of a run."""
+
+    config: BenchConfig  # every K-th request of the workload and its part of the concurrency limit
+    model: str
+    arrivals: tuple[float, ...]  # its requests' send offsets on the run's one schedule
+
+
+@dataclass
+class ShardRun:
+    """What one client process measured.
+
+    first_send and last_response are ``time.perf_counter()`` readings, comparable across the
+    processes of a host (CLOCK_MONOTONIC on Linux): the run lasts from the earliest first send
+    to the latest last response of any process.
+    """
+
+    outcomes: list[RequestOutcome]  # in the order of the shard's requests
+    first_send: float
+    last_response: float
+    cpu_s: float  # user + system time of the process, all threads, over its sends
+
+
+@dataclass(frozen=True)
+class _ClientFailure:
+    """A client process's exception, sent to the parent in place of its ShardRun."""
+
+    traceback: str
+
+
+def split_concurrency(concurrency: int | None, parts: int) -> list[int | None]:
+    """Each part's concurrency limit: the total split as evenly as it goes (None: no limit)."""
+    if concurrency is None:
+        return [None] * parts
+    if concurrency < parts:
+        raise ValueError(f"a concurrency of {concurrency} cannot be split over {parts} client processes")
+    share, extra = divmod(concurrency, parts)
+    return [share + (i < extra) for i in range(parts)]
+
+
+def shard_requests(config: BenchConfig, model: str, arrivals: Sequence[float]) -> list[ClientShard]:
+    """Deal the requests and their arrival offsets round-robin over the run's client processes."""
+    parts = config.num_client_processes
+    requests = config.workload.requests
+    shards = []
+    for i, concurrency in enumerate(split_concurrency(config.concurrency, parts)):
+        workload = replace(config.workload, requests=requests[i::parts])
+        shard_config = replace(config, workload=workload, concurrency=concurrency, client_processes=1)
+        shards.append(ClientShard(shard_config, model, tuple(arrivals[i::parts])))
+    return shards
+
+
+def merge_outcomes(per_shard: Sequence[Sequence[RequestOutcome]]) -> list[RequestOutcome]:
+    """Undo the round-robin deal: request i is shard (i mod K)'s (i div K)-th."""
+    parts = len(per_shard)
+    total = sum(len(outcomes) for outcomes in per_shard)
+    return [per_shard[i % parts][i // parts] for i in range(total)]
+
+
+def run_client_processes(shards: Sequence[ClientShard]) -> tuple[list[ShardRun], float]:
+    """Run each shard in a process of its own; return what each measured, in shard order, and
+    this process's CPU time while they ran.
+
+    The processes are spawned (a fork would copy whatever threads and sockets the caller holds),
+    so they import the caller's main module again: a script needs the ``__main__`` guard. The
+    run's schedule starts once every process has imported its modules and built its client.
+    """
+    context = multiprocessing.get_context("spawn")
+    processes: list[BaseProcess] = []
+    conns: list[Connection] = []
+    try:
+        for i, shard in enumerate(shards):
+            conn, child_conn = context.Pipe()
+            child = context.Process(target=_client_process, args=(child_conn, shard),
+                                    name=f"bench-client-{i}", daemon=True)
+            child.start()
+            child_conn.close()  # the child holds the only other end: its exit reads here as EOF
+            processes.append(child)
+            conns.append(conn)
+        deadline = time.monotonic() + _CLIENT_START_TIMEOUT_S
+        for i, conn in enumerate(conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"client process {i} was not ready after {_CLIENT_START_TIMEOUT_S:g} s")
+            if (message := _receive(conn, i)) != _READY:
+                raise RuntimeError(f"client process {i} sent {message!r} before its start")
+        cpu_before = time.process_time()
+        start_at = time.perf_counter()
+        for conn in conns:
+            conn.send(start_at)
+        runs: dict[int, ShardRun] = {}
+        pending = {conn: i for i, conn in enumerate(conns)}
+        while pending:
+            for ready in multiprocessing.connection.wait(list(pending)):
+                assert isinstance(ready, Connection)
+                i = pending.pop(ready)
+                runs[i] = _receive(ready, i)
+                logger.info("client process %d finished its %d requests", i, len(runs[i].outcomes))
+        return [runs[i] for i in range(len(conns))], time.process_time() - cpu_before
+    finally:
+        for conn in conns:
+            conn.close()
+        for process in processes:
+            process.join(5.0)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+def _receive(conn: Connection, index: int) -> Any:
+    """The next message of client process ``index``; raises if it failed or exited."""
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"client process {index} exited without a result") from None
+    if isinstance(message, _ClientFailure):
+        raise RuntimeError(f"client process {index} failed:\n{message.traceback}")
+    return message
+
+
+def _client_process(conn: Connection, shard: ClientShard) -> None:
+    """A client process: report ready, then send the shard's requests from the start the parent sends."""
+    try:
+        conn.send(asyncio.run(_run_shard(conn, shard)))
+    except Exception:
+        conn.send(_ClientFailure(traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+async def _run_shard(conn: Connection, shard: ClientShard) -> ShardRun:
+    async with _http_client(shard.config) as client:
+        conn.send(_READY)
+        start_at = await asyncio.to_thread(conn.recv)
+        return await _send_requests(client, shard.config, shard.model, shard.arrivals, start_at, None)
+
+
+def _http_client(config: BenchConfig) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    # The pool must never be the bottleneck: a request waiting for a connection would be
+    # timed as if the server were slow.
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+    return httpx.AsyncClient(base_url=config.base_url, headers=headers, limits=limits, timeout=None)
+
+
+async def _first_model(config: BenchConfig) -> str:
+    async with _http_client(config) as client:
+        return await fetch_first_model(client)
+
+
+async def _send_requests(
+    client: httpx.AsyncClient,
+    config: BenchConfig,
+    model: str,
+    arrivals: Sequence[float],
+    start_at: float,
+    progress: _Progress | None,
+) -> ShardRun:
+    """Send config's requests, each at ``start_at`` + its arrival offset once a slot is free."""
+    requests = config.workload.requests
+    slots = asyncio.Semaphore(config.concurrency or max(1, len(requests)))
+
+    async def send(request: BenchRequest) -> RequestOutcome:
+        async with slots:
+            outcome = await _timed_request(client, config, model, request)
+        if progress is not None:
+            progress.advance()
+        return outcome
+
+    cpu_before = time.process_time()
+    first_send: float | None = None
+    tasks: list[asyncio.Task[RequestOutcome]] = []
+    for request, offset in zip(requests, arrivals, strict=True):
+        delay = start_at + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if first_send is None:
+            first_send = time.perf_counter()
+        tasks.append(asyncio.create_task(send(request)))
+    outcomes = list(await asyncio.gather(*tasks))
+    last_response = time.perf_counter()
+    assert first_send is not None, "a workload has at least one request"
+    return ShardRun(outcomes, first_send, last_response, time.process_time() - cpu_before)
 
 
 def run_metadata(config: BenchConfig) -> dict[str, Any]:
@@ -576,6 +799,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="let outputs stop at EOS instead of forcing their planned length",
     )
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes sending the requests, dealt round-robin (default: 1, this process)",
+    )
     parser.add_argument("--output-json", type=Path, default=None, help="write results here")
     parser.add_argument("--label", default=None, help="a name for this run in the results")
     return parser.parse_args(argv)
@@ -620,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignore_eos=args.ignore_eos,
             request_timeout_s=args.request_timeout,
             label=args.label,
+            client_processes=args.client_processes,
             command=_redacted_command(
                 [sys.executable, "-m", "bench.serving", *(sys.argv[1:] if argv is None else argv)]
             ),

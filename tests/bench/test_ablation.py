@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import ablation
-from bench.ablation import ROWS, Budget, ShapeCosts, parse_per_row
+from bench.ablation import ROWS, Budget, RowContext, ShapeCosts, parse_per_row, serve_argv, settings_json
 from shared.config import WorkerConfig
 from worker.device import DeviceInfo
 from worker.model_runner import ModelRunner
@@ -34,6 +34,25 @@ def test_smoke_settings():
     _, settings = ablation.parse_args(["--out", "x.json", "--shapes", "llama-3.1-8b", "--rows", "engine"])
     assert settings.shapes == ("llama-3.1-8b",) and settings.rows == ("engine",) and settings.device == "cuda"
     assert settings.max_output_len["engine"] == 512 and settings.dtype == torch.bfloat16
+
+
+def test_gateway_workers_and_client_processes():
+    def argv_and_settings(*options: str) -> tuple[list[str], dict]:
+        _, settings = ablation.parse_args(["--smoke", "--out", "x.json", *options])
+        ctx = RowContext("llama-tiny", "loomserve-continuous", ShapeCosts.of("llama-tiny", torch.float32), [],
+                         settings, 0.0)
+        return serve_argv(ctx, "continuous", 8123), settings_json(settings)
+
+    argv, settings = argv_and_settings("--gateway-workers", "3", "--client-processes", "2")
+    i = argv.index("--gateway-workers")
+    assert argv[i + 1] == "3"
+    assert (settings["gateway_workers"], settings["client_processes"]) == (3, 2)
+    # One gateway is the server's default: the option stays off the command line for servers without it.
+    argv, settings = argv_and_settings()
+    assert "--gateway-workers" not in argv and argv[:2] == ["shared.cli", "serve"]
+    assert (settings["gateway_workers"], settings["client_processes"]) == (1, 1)
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--out", "x.json", "--client-processes", "0"])
 
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b", "llama-tiny"])
@@ -68,6 +87,15 @@ def test_request_flops():
     per_token = costs.request_flops(100, 101) / 200
     assert 14e9 < per_token < 16.5e9
     assert costs.request_flops(10, 0) == 0
+
+
+def test_gpu_utilisation_over_the_timed_window_only():
+    sampler = ablation.GpuSampler()
+    sampler.util, sampler.times, sampler.mem_used = [0.0, 0.0, 90.0, 80.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0], [1 << 30]
+    assert sampler.summary()["gpu_util_mean_pct"] == pytest.approx(34.0)
+    windowed = sampler.summary((2.5, 4.0))
+    assert windowed["gpu_util_mean_pct"] == pytest.approx(85.0) and windowed["gpu_util_samples"] == 2
+    assert sampler.summary((6.0, 7.0))["gpu_util_mean_pct"] is None
 
 
 def test_budget_shares_and_skips():

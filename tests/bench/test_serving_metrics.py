@@ -8,6 +8,7 @@ server covers every case.
 import asyncio
 import json
 import math
+import multiprocessing
 import socket
 import threading
 import time
@@ -26,8 +27,11 @@ from bench.serving import (
     RequestOutcome,
     compute_metrics,
     main,
+    merge_outcomes,
     poisson_arrivals,
     run_benchmark,
+    shard_requests,
+    split_concurrency,
 )
 from bench.workloads import BenchRequest, Workload
 
@@ -272,6 +276,60 @@ def test_request_rate_spaces_the_sends(server_url):
     assert m.duration_s >= poisson_arrivals(4, 20.0, 3)[-1] + TTFT_S + ITL_S
 
 
+def test_client_processes_start_on_one_schedule(server_url):
+    # Spawned processes take a second or more to start: were each to start its own clock when
+    # ready, the run would last far longer than one request.
+    config = bench(server_url, "ok", workload(6, 4), client_processes=2)
+    result = asyncio.run(run_benchmark(config))
+    m = result.metrics
+    one_request_s = TTFT_S + 3 * ITL_S
+    assert m.completed == 6 and config.num_client_processes == 2
+    assert one_request_s <= m.duration_s <= late_bound(one_request_s, 0.2)
+    assert result.client_cpu_s > 0
+
+
+def test_client_processes_keep_the_arrival_times(server_url):
+    config = bench(server_url, "ok", workload(4, 2), request_rate=20.0, seed=3, client_processes=2)
+    m = asyncio.run(run_benchmark(config)).metrics
+    assert m.completed == 4
+    last_arrival = poisson_arrivals(4, 20.0, 3)[-1]
+    assert last_arrival + TTFT_S + ITL_S <= m.duration_s <= last_arrival + late_bound(TTFT_S + ITL_S, 0.2)
+
+
+def test_requests_are_dealt_round_robin_and_the_concurrency_split():
+    requests = tuple(BenchRequest([i], 1, i + 1) for i in range(10))
+    config = BenchConfig(Workload("w", requests), concurrency=10, client_processes=4)
+    arrivals = [0.5 * i for i in range(10)]
+    shards = shard_requests(config, "m", arrivals)
+    assert [[r.output_len - 1 for r in s.config.workload.requests] for s in shards] == [
+        [0, 4, 8], [1, 5, 9], [2, 6], [3, 7],
+    ]  # fmt: skip
+    assert [s.arrivals for s in shards] == [(0.0, 2.0, 4.0), (0.5, 2.5, 4.5), (1.0, 3.0), (1.5, 3.5)]
+    assert [s.config.concurrency for s in shards] == [3, 3, 2, 2]
+    assert all(s.model == "m" and s.config.client_processes == 1 for s in shards)
+    outcomes = [[RequestOutcome(1, r.output_len) for r in s.config.workload.requests] for s in shards]
+    assert [o.planned_output_len for o in merge_outcomes(outcomes)] == list(range(1, 11))
+
+    assert split_concurrency(None, 3) == [None, None, None]
+    assert split_concurrency(7, 1) == [7]
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_concurrency(2, 3)
+    # Never a process without a request or a concurrency slot.
+    assert BenchConfig(Workload("w", requests[:3]), client_processes=4).num_client_processes == 3
+    assert BenchConfig(Workload("w", requests), concurrency=2, client_processes=4).num_client_processes == 2
+    assert BenchConfig(Workload("w", requests), client_processes=4).num_client_processes == 4
+    with pytest.raises(ValueError, match="client_processes"):
+        BenchConfig(Workload("w", requests), client_processes=0)
+
+
+def test_perf_counter_is_one_clock_for_every_process():
+    """What comparing first sends and last responses across client processes relies on."""
+    before = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(time.perf_counter)
+    assert before < child < time.perf_counter()
+
+
 def test_compute_metrics_follows_the_definitions():
     outcomes = [
         RequestOutcome(10, 5, output_tokens=5, ttft_s=0.1, e2el_s=0.5, itls_s=[0.1] * 4),
@@ -328,11 +386,14 @@ def test_cli_writes_the_result_file(server_url, tmp_path, capsys):
     assert "--api-key '***'" in result["metadata"]["command"]
     assert result["config"]["model"] == MODEL
     assert result["config"]["request_rate"] is None
+    assert result["config"]["client_processes"] == 1
     assert result["workload"]["name"] == "jsonl" and result["workload"]["num_requests"] == 3
     metrics = result["metrics"]
     assert (metrics["completed"], metrics["failed"]) == (3, 0)
     assert metrics["total_output_tokens"] == 9
     assert set(metrics["ttft_ms"]) == {"mean", "median", "p95", "p99"}
+    assert metrics["client_cpu_s"] > 0
+    assert metrics["client_cpu_us_per_output_token"] == pytest.approx(metrics["client_cpu_s"] * 1e6 / 9)
     assert len(result["requests"]) == 3 and result["requests"][0]["error"] is None
 
 
