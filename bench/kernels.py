@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,19 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|, the measure the kernel tests use."""
     err = (out.float() - ref.float()).abs().max().item()
     return err / max(ref.float().abs().max().item(), 1e-6)
+
+
+def checked_time(run: Callable[[], torch.Tensor], ref: torch.Tensor) -> dict[str, Any]:
+    """One configuration of a tile sweep: ``status`` ``failed`` (and the message) when it does not
+    run, ``wrong`` when its result is not within REL_TOL of ``ref``, else ``ok`` with its median
+    time in ``us``; ``rel_error`` whenever it ran."""
+    try:
+        error = rel_error(run(), ref)
+    except Exception as exc:  # a configuration that does not fit the GPU is a result, not a crash
+        return {"status": "failed", "message": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if error > REL_TOL:
+        return {"status": "wrong", "rel_error": error}
+    return {"status": "ok", "rel_error": error, "us": do_bench(run, return_mode="median") * 1000.0}
 
 
 @dataclass

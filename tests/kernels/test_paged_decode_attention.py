@@ -5,10 +5,13 @@ import random
 import pytest
 import torch
 
+from kernels import KV_FP8
 from kernels.paged_decode_attention import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
+    DecodeConfig,
     choose_num_splits,
+    default_decode_config,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
@@ -30,7 +33,7 @@ def _decode_batch(paged_batch, context_lens, num_heads, num_kv_heads, head_dim, 
     )
 
 
-def _run(batch, num_splits=None, out=None):
+def _run(batch, num_splits=None, out=None, config=None):
     return paged_decode_attention(
         batch.q,
         batch.kv_cache,
@@ -40,6 +43,7 @@ def _run(batch, num_splits=None, out=None):
         batch.max_seq_len,
         num_splits=num_splits,
         out=out,
+        config=config,
     )
 
 
@@ -103,6 +107,28 @@ def test_choose_num_splits():
     # A short context is not split below MIN_SPLIT_TOKENS.
     assert choose_num_splits(1, 8, MIN_SPLIT_TOKENS, 132) == 1
     assert choose_num_splits(0, 8, 0, 132) == 1
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("config", [DecodeConfig(32, 2, 1), DecodeConfig(64, 1, 2)])
+def test_launch_config_does_not_change_results(paged_batch, assert_close, fp8, config):
+    """Tiles wider than a cache block (keys from several blocks per tile), fewer or more
+    warps and stages: the result is the reference's, with an FP8 cache too."""
+    batch = _decode_batch(paged_batch, [1, 40, 97], 8, 2, 32, 16, torch.float32, 3)
+    if fp8:
+        batch.kv_cache = batch.kv_cache.to(KV_FP8)
+    expected = _ref(batch)
+    for num_splits in (1, 2):
+        assert_close(_run(batch, num_splits, config=config), expected, 1e-3 if fp8 else 1e-4)
+
+
+def test_default_launch_configs():
+    # bf16 reads run at the copy bandwidth with 64-key tiles; an FP8 cache takes 128-key tiles.
+    assert default_decode_config(128, torch.bfloat16, torch.bfloat16) == DecodeConfig(64, 4, 2)
+    assert default_decode_config(128, torch.bfloat16, KV_FP8) == DecodeConfig(128, 4, 3)
+    assert default_decode_config(64, torch.bfloat16, KV_FP8) == DecodeConfig(128, 4, 2)
+    assert default_decode_config(128, torch.float32, torch.float32) == DecodeConfig(32, 4, 2)
+    assert default_decode_config(128, torch.bfloat16, KV_FP8, interpreted=True) == DecodeConfig(16, 1, 1)
 
 
 def test_rejects_bad_arguments(paged_batch):

@@ -1,0 +1,23 @@
+"""bench.decode_sweep on a GPU: two configurations and the split factors of one case, both caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.decode_sweep import copy_bandwidth, sweep_case
+from bench.kernels import LLAMA_3_1_8B
+from kernels.paged_decode_attention import DecodeConfig
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_sweep_case_times_the_default_the_grid_and_more_splits(cache: str) -> None:
+    result = sweep_case(LLAMA_3_1_8B, cache, (4, 3000), copy_bandwidth(1 << 26),
+                        (DecodeConfig(64, 4, 2), DecodeConfig(32, 8, 3)))
+    assert result["default"]["default"] and result["default"]["status"] == "ok"
+    assert {c["num_splits"] for c in result["configs"]} == {result["default"]["num_splits"] * f for f in (1, 2, 4)}
+    assert result["best"]["us"] <= result["default"]["us"]
+    assert all(c["status"] in ("ok", "failed") for c in result["configs"])
+    assert 0.0 < result["default"]["bandwidth_fraction"] < 1.5
