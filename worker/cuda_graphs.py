@@ -356,7 +356,7 @@ class MixedGraphs(_GraphSet[PaddedStep]):
         max_seqs: int = MIXED_MAX_SEQS,
     ) -> None:
         # Imported here: triton is an optional dependency that only GPU hosts need.
-        from kernels.paged_prefill_attention import fill_work_list, prefill_block_m, work_list_size
+        from kernels.paged_prefill_attention import fill_work_list, prefill_block_tokens, work_list_size
 
         super().__init__(model, kv_caches, buckets)
         self._fill_work_list = fill_work_list
@@ -364,11 +364,13 @@ class MixedGraphs(_GraphSet[PaddedStep]):
         self.max_seqs = max_seqs
         dev = self.device
         head_dim, dtype = model.config.head_dim, model.embed_tokens.weight.dtype
-        # bucket -> (decode rows D, query rows per work item, work list size G)
+        # This rank's query heads per KV head (KV heads may be replicated across ranks).
+        group = model.config.num_heads // model.tp.size // model.num_kv_heads
+        # bucket -> (decode rows D, new tokens per work item, work list size G)
         self.layout: dict[int, tuple[int, int, int]] = {}
         for bucket in self.buckets:
-            block_m = prefill_block_m(head_dim, bucket, dtype)
-            self.layout[bucket] = (min(bucket, max_seqs), block_m, work_list_size(bucket, max_seqs, block_m))
+            block_tokens = prefill_block_tokens(head_dim, bucket, dtype, group=group)
+            self.layout[bucket] = (min(bucket, max_seqs), block_tokens, work_list_size(bucket, max_seqs, block_tokens))
         self.work_size = _align4(max(g for _, _, g in self.layout.values()))
         self.seq_lens_at = _align4(max_seqs + 1)
         self.decode_at = self.seq_lens_at + _align4(max_seqs)
@@ -403,7 +405,7 @@ class MixedGraphs(_GraphSet[PaddedStep]):
                 f"a batch of {num_tokens} tokens over {num_seqs} sequences does not fit the bucket of "
                 f"{bucket} tokens and {self.max_seqs} sequences"
             )
-        _, block_m, work_size = self.layout[bucket]
+        _, block_tokens, work_size = self.layout[bucket]
         padded = torch.empty((3, bucket), dtype=torch.int64, pin_memory=pin)
         index = torch.empty(self.work_at + 2 * self.work_size, dtype=torch.int32, pin_memory=pin)
         tables = torch.from_numpy(np.ascontiguousarray(block_tables))
@@ -423,14 +425,14 @@ class MixedGraphs(_GraphSet[PaddedStep]):
         decode[:num_decodes] = seq_lens[:num_decodes]
         decode[num_decodes:] = 0
         work = ix[self.work_at :].reshape(2, self.work_size)
-        self._fill_work_list(query_start_loc, num_decodes, block_m, work[:, :work_size])
+        self._fill_work_list(query_start_loc, num_decodes, block_tokens, work[:, :work_size])
         work[:, work_size:] = -1
         return PaddedStep(padded, index, tables, num_tokens)
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
         """Metadata over the static buffers for ``bucket``; its host lists are empty
         (the Triton backend reads ``static`` instead)."""
-        num_decodes_cap, block_m, work_size = self.layout[bucket]
+        num_decodes_cap, block_tokens, work_size = self.layout[bucket]
         ix, s = self.index, self.max_seqs
         work = ix[self.work_at :].view(2, self.work_size)[:, :work_size]
         return AttentionMetadata(
@@ -445,7 +447,7 @@ class MixedGraphs(_GraphSet[PaddedStep]):
             static=StaticLayout(
                 decode_seq_lens=ix[self.decode_at : self.decode_at + num_decodes_cap],
                 prefill_work=work,
-                prefill_block_m=block_m,
+                prefill_block_tokens=block_tokens,
             ),
         )
 

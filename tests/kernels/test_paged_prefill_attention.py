@@ -8,10 +8,13 @@ import torch
 
 from kernels.paged_prefill_attention import (
     LaunchConfig,
+    _launch_config,
+    default_launch_config,
     fill_work_list,
+    group_pad,
     paged_prefill_attention,
     paged_prefill_attention_ref,
-    prefill_block_m,
+    prefill_block_tokens,
     work_list_size,
 )
 from kernels.reshape_and_cache import reshape_and_cache_ref
@@ -154,11 +157,11 @@ def test_work_list_covers_every_query_block_once(seed):
     q_lens = rng.choice([0, 1, 1, 5, 16, 17, 40], size=int(rng.integers(1, 12)))
     starts = np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)
     first = int(rng.integers(0, len(q_lens) + 1))
-    block_m = int(rng.choice([4, 16]))
-    size = work_list_size(int(starts[-1]), len(q_lens), block_m)
+    block_tokens = int(rng.choice([1, 4, 16]))
+    size = work_list_size(int(starts[-1]), len(q_lens), block_tokens)
     out = np.full((2, size + 3), 99, dtype=np.int32)
-    count = fill_work_list(starts, first, block_m, out)
-    expected = [(s, b) for s in range(first, len(q_lens)) for b in range(-(-int(q_lens[s]) // block_m))]
+    count = fill_work_list(starts, first, block_tokens, out)
+    expected = [(s, b) for s in range(first, len(q_lens)) for b in range(-(-int(q_lens[s]) // block_tokens))]
     assert count == len(expected) <= size
     assert list(zip(out[0, :count].tolist(), out[1, :count].tolist(), strict=True)) == expected
     assert (out[:, count:] == -1).all()
@@ -169,11 +172,16 @@ def test_work_list_overflow_is_refused():
         fill_work_list(np.array([0, 40], dtype=np.int32), 0, 16, np.zeros((2, 2), dtype=np.int32))
 
 
-def _work(batch, first_seq: int, extra: int, device) -> torch.Tensor:
-    block_m = prefill_block_m(batch.q.shape[2], batch.max_query_len, batch.q.dtype)
-    size = work_list_size(batch.q.shape[0], len(batch.query_lens), block_m) + extra
+def _group(batch) -> int:
+    return batch.q.shape[1] // batch.kv_cache.shape[3]
+
+
+def _work(batch, first_seq: int, extra: int, device, block_tokens: int | None = None) -> torch.Tensor:
+    if block_tokens is None:
+        block_tokens = prefill_block_tokens(batch.q.shape[2], batch.max_query_len, batch.q.dtype, group=_group(batch))
+    size = work_list_size(batch.q.shape[0], len(batch.query_lens), block_tokens) + extra
     host = np.zeros((2, size), dtype=np.int32)
-    fill_work_list(batch.query_start_loc.cpu().numpy(), first_seq, block_m, host)
+    fill_work_list(batch.query_start_loc.cpu().numpy(), first_seq, block_tokens, host)
     return torch.from_numpy(host).to(device)
 
 
@@ -273,14 +281,14 @@ def _static_metadata(batch, num_padding: int, num_decodes: int, decode_rows: int
     decode rows, host lists empty, max_query_len the padded token count."""
     num_tokens = batch.q.shape[0] + num_padding
     meta = _metadata(batch, num_padding)
-    block_m = prefill_block_m(batch.q.shape[2], num_tokens, batch.q.dtype)
-    work = np.zeros((2, work_list_size(num_tokens, len(batch.query_lens), block_m)), dtype=np.int32)
-    fill_work_list(batch.query_start_loc.cpu().numpy(), num_decodes, block_m, work)
+    block_tokens = prefill_block_tokens(batch.q.shape[2], num_tokens, batch.q.dtype, group=_group(batch))
+    work = np.zeros((2, work_list_size(num_tokens, len(batch.query_lens), block_tokens)), dtype=np.int32)
+    fill_work_list(batch.query_start_loc.cpu().numpy(), num_decodes, block_tokens, work)
     decode_lens = torch.zeros(decode_rows, dtype=torch.int32, device=device)
     decode_lens[:num_decodes] = batch.seq_lens[:num_decodes]
     meta.max_query_len = num_tokens
     meta.query_start_loc_cpu, meta.seq_lens_cpu = [], []
-    meta.static = StaticLayout(decode_lens, torch.from_numpy(work).to(device), block_m)
+    meta.static = StaticLayout(decode_lens, torch.from_numpy(work).to(device), block_tokens)
     return meta
 
 
@@ -312,7 +320,7 @@ def test_backend_static_layout_checks_the_block_size(paged_batch, device):
     q, k, v, *_ = _backend_case(batch, 0, seed=3)
     meta = _static_metadata(batch, 0, num_decodes=1, decode_rows=2, device=device)
     assert meta.static is not None
-    meta.static.prefill_block_m += 1
+    meta.static.prefill_block_tokens += 1
     with pytest.raises(ValueError, match="work list has blocks"):
         TritonAttentionBackend(2, 1, 16, batch.scale).forward(q, k, v, batch.kv_cache, meta)
 
@@ -467,3 +475,121 @@ def test_fp8_backends_agree_on_a_mixed_batch(paged_batch, assert_close, num_padd
     real = q.shape[0] - num_padding
     assert_close(out[:real], expected[:real], 1e-2)  # fp16 dots over FP8, scores in the hundreds
     assert_close(torch_out[:real], expected[:real], 1e-4)
+
+
+# --- a KV head's query-head group packed into the rows of one tile ------------
+
+# (num_heads, num_kv_heads): groups of 1, 2, 3 (a padding row per token), 4 and 8.
+GROUPS = [(2, 2), (4, 2), (6, 2), (8, 2), (8, 1)]
+# Decode rows, prefixes that are not multiples of the block size (8) and a long query.
+PACKED_QUERY_LENS = [1, 6, 13, 1, 4]
+PACKED_PREFIX_LENS = [0, 9, 18, 37, 3]
+
+
+def _packed_batch(paged_batch, num_heads, num_kv_heads, seed, query_lens=PACKED_QUERY_LENS):
+    return paged_batch(query_lens=query_lens, prefix_lens=PACKED_PREFIX_LENS[: len(query_lens)],
+                       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=16, block_size=8,
+                       dtype=torch.float32, seed=seed)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), GROUPS)
+def test_packed_groups_match_reference(paged_batch, assert_close, num_heads, num_kv_heads):
+    batch = _packed_batch(paged_batch, num_heads, num_kv_heads, seed=70 + num_heads + num_kv_heads)
+    assert_close(_run(batch), _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (4, 1), (8, 1)])
+def test_packed_tile_sizes_match_reference(paged_batch, assert_close, block_m, num_heads, num_kv_heads):
+    """Queries of 1, 4, 8 and 9 tokens: with 4 rows a token (groups 3 and 4) they fill 4,
+    16, 32 and 36 rows, so each tile size is smaller than, equal to and larger than some
+    sequence's rows; with groups of 8, a 16-row tile holds 2 tokens."""
+    batch = _packed_batch(paged_batch, num_heads, num_kv_heads, seed=80 + block_m, query_lens=[1, 4, 8, 9])
+    config = LaunchConfig(block_m, 16, 1, 1)
+    out = paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                  batch.scale, batch.max_query_len, config=config)
+    assert_close(out, _ref(batch), 1e-4)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 1), (24, 1)])
+def test_group_wider_than_the_tile(paged_batch, assert_close, num_heads, num_kv_heads):
+    """A group of 32 or 24 heads (padded to 32 rows a token) against a 16-row tile: the
+    launcher grows the tile to one token's rows, by default and for an explicit config."""
+    batch = paged_batch(query_lens=[3, 1], prefix_lens=[5, 2], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=16, block_size=4, dtype=torch.float32, seed=num_heads)
+    expected = _ref(batch)
+    assert_close(_run(batch), expected, 1e-4)
+    out = paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                  batch.scale, batch.max_query_len, config=LaunchConfig(16, 16, 1, 1))
+    assert_close(out, expected, 1e-4)
+
+
+@pytest.mark.parametrize("block_m", [None, 32])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(2, 2), (6, 2), (8, 2), (8, 1)])
+def test_packed_work_list_matches_reference(paged_batch, assert_close, device, block_m, num_heads, num_kv_heads):
+    """A work list in blocks of a tile's tokens (the default tile, or an explicit one and
+    a list built for it) over all but the two leading decodes."""
+    batch = _packed_batch(paged_batch, num_heads, num_kv_heads, seed=90 + num_heads,
+                          query_lens=[1, 1, 6, 13, 4])
+    config = None if block_m is None else LaunchConfig(block_m, 16, 1, 1)
+    block_tokens = None if block_m is None else block_m // group_pad(_group(batch))
+    work = _work(batch, 2, extra=3, device=device, block_tokens=block_tokens)
+    out = torch.full_like(batch.q, 7.0)
+    paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                            batch.scale, batch.max_query_len, out=out, work=work, config=config)
+    assert torch.all(out[:2] == 7.0)
+    assert_close(out[2:], _ref(batch)[2:], 1e-4)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (8, 1)])
+def test_packed_fp8_cache_matches_reference(paged_batch, assert_close, num_heads, num_kv_heads):
+    batch = _packed_batch(paged_batch, num_heads, num_kv_heads, seed=100 + num_heads)
+    batch.kv_cache = batch.kv_cache.to(torch.float8_e4m3fn)
+    assert_close(_run(batch), _ref(batch), 1e-3)  # fp16 dots over FP8
+
+
+def test_default_launch_configs():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # One query head per KV head: rows are tokens, as before the packing.
+    assert _launch_config(128, 1, 1, bf16, False) == LaunchConfig(16, 64, 4, 2)
+    assert _launch_config(128, 1, 4096, bf16, False) == LaunchConfig(64, 64, 4, 2)
+    assert _launch_config(64, 1, 50, bf16, False) == LaunchConfig(64, 64, 4, 2)
+    assert _launch_config(64, 1, 4096, bf16, False) == LaunchConfig(128, 64, 8, 2)
+    assert _launch_config(256, 1, 4096, bf16, False) == LaunchConfig(64, 32, 4, 2)
+    # A decode row of a group of 4 fills 4 of 16 rows; longer queries fill 64 or 128 rows.
+    assert _launch_config(128, 4, 1, bf16, False) == LaunchConfig(16, 64, 4, 2)
+    assert _launch_config(128, 3, 5, bf16, False) == LaunchConfig(32, 64, 4, 2)
+    assert _launch_config(128, 4, 4096, bf16, False) == LaunchConfig(64, 64, 4, 2)
+    assert _launch_config(64, 8, 3, bf16, False) == LaunchConfig(32, 64, 4, 2)
+    assert _launch_config(64, 4, 20, bf16, False) == LaunchConfig(64, 64, 4, 2)
+    assert _launch_config(128, 4, 4096, fp32, False) == LaunchConfig(64, 32, 4, 2)
+    # A group wider than the tile gets one token's rows.
+    assert _launch_config(128, 128, 4096, bf16, False) == LaunchConfig(128, 64, 4, 2)
+    assert _launch_config(16, 4, 100, fp32, True) == LaunchConfig(16, 16, 1, 1)
+    assert _launch_config(16, 24, 100, fp32, True) == LaunchConfig(32, 16, 1, 1)
+
+
+@pytest.mark.parametrize(("group", "rows_per_token"), [(1, 1), (2, 2), (3, 4), (4, 4), (8, 8), (32, 32)])
+def test_block_tokens_count_tokens_not_rows(group, rows_per_token):
+    for max_query_len in (1, 40, 4096):
+        block_m = default_launch_config(128, max_query_len, torch.bfloat16, group=group).block_m
+        assert prefill_block_tokens(128, max_query_len, torch.bfloat16, group=group) * rows_per_token == block_m
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, *(LaunchConfig(m, 64, 4, 2) for m in (16, 32, 64)),
+                                    LaunchConfig(128, 64, 8, 2), LaunchConfig(128, 32, 8, 3)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(32, 8), (32, 4)])
+def test_gpu_packed_tiles(paged_batch, assert_close, config, head_dim, num_heads, num_kv_heads):
+    """Groups of 4 and 8 at real head dims: decode rows and short chunks (the 16- and
+    32-row tiles the launcher shrinks to) beside longer queries, under every tile size."""
+    batch = paged_batch(query_lens=[1, 1, 3, 17, 200], prefix_lens=[700, 5, 33, 1000, 61], num_heads=num_heads,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16, dtype=torch.bfloat16,
+                        seed=head_dim + num_kv_heads)
+    out = paged_prefill_attention(batch.q, batch.kv_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                  batch.scale, batch.max_query_len, config=config)
+    assert_close(out, _ref(batch), 1e-2)
+    short = paged_batch(query_lens=[1, 2, 1], prefix_lens=[40, 3, 17], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, block_size=16, dtype=torch.bfloat16, seed=head_dim)
+    assert_close(_run(short), _ref(short), 1e-2)

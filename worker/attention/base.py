@@ -40,7 +40,7 @@ class StaticLayout:
 
     decode_seq_lens: torch.Tensor  # (D,) int32: context length of each leading decode, 0 past them
     prefill_work: torch.Tensor  # (2, G) int32: (sequence, query block) per prefill program, -1 past them
-    prefill_block_m: int  # query rows per block of ``prefill_work``
+    prefill_block_tokens: int  # new tokens per query block of ``prefill_work``
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.paged_decode_attention import paged_decode_attention
-from kernels.paged_prefill_attention import paged_prefill_attention, prefill_block_m
+from kernels.paged_prefill_attention import paged_prefill_attention, prefill_block_tokens
 from kernels.reshape_and_cache import reshape_and_cache
 from worker.attention.base import AttentionBackend, AttentionMetadata, StaticLayout
 
@@ -164,11 +164,13 @@ class TritonAttentionBackend(AttentionBackend):
         overwrites for its own rows (the launches are ordered on one stream). Rows
         of no sequence (padding) stay zero.
         """
-        block_m = prefill_block_m(self.head_dim, meta.max_query_len, q.dtype)
-        if block_m != layout.prefill_block_m:
+        block_tokens = prefill_block_tokens(
+            self.head_dim, meta.max_query_len, q.dtype, group=self.num_heads // self.num_kv_heads
+        )
+        if block_tokens != layout.prefill_block_tokens:
             raise ValueError(
-                f"the work list has blocks of {layout.prefill_block_m} query rows, but a launch with "
-                f"max_query_len {meta.max_query_len} uses {block_m}"
+                f"the work list has blocks of {layout.prefill_block_tokens} tokens, but a launch with "
+                f"max_query_len {meta.max_query_len} uses {block_tokens}"
             )
         out = torch.zeros_like(q, memory_format=torch.contiguous_format)
         d = layout.decode_seq_lens.shape[0]
