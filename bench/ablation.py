@@ -773,9 +773,11 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     run.details["batch1_decode"] = batch1
     config = SchedulerConfig(max_num_seqs=ctx.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                              batching="continuous", async_scheduling=s.async_scheduling)
-    with GpuSampler() as gpu:
+    with GpuSampler() as gpu, gpu_engine.ExecuteTimes(engine.runner) as step_times:
         stats = gpu_engine.run_workload(engine, ctx.requests, config, True)
     run.gpu = gpu.summary()
+    # The in-process counterpart of the scheduler's stats lines in the HTTP rows.
+    run.details["step_times"] = step_times.summary()
     run.engine_stats = gpu_engine.summarise(stats)
     run.duration_s = stats.duration_s
     return run

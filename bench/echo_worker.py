@@ -273,10 +273,12 @@ class EchoWorkerServer:
             self.runner.reset()
             self._register()
             return
-        if self.config.delay_ms > 0:
+        host_ms = (time.perf_counter() - started) * 1000.0
+        if self.config.delay_ms > 0:  # the device time this worker stands in for
             time.sleep(max(0.0, started + self.config.delay_ms / 1000.0 - time.perf_counter()))
         forward_ms = (time.perf_counter() - started) * 1000.0
-        self._send(msgspec.structs.replace(result, forward_ms=forward_ms))
+        self._send(msgspec.structs.replace(result, forward_ms=forward_ms, host_ms=host_ms,
+                                           wait_ms=forward_ms - host_ms))
 
     def close(self) -> None:
         self._sock.close(linger=0)

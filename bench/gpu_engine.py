@@ -118,17 +118,30 @@ def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
 class ExecuteTimes:
     """Wraps ``runner.finalize`` to collect each step's ``forward_ms``: the runner's share
     of a step from its launch to its tokens read (inputs, forward, sampling; with
-    asynchronous scheduling, overlapping the step before), the scheduler's excluded."""
+    asynchronous scheduling, overlapping the step before), the scheduler's excluded; and
+    its parts ``host_ms`` (the runner's own host work on the step) and ``wait_ms`` (waiting
+    for the device to hand the tokens over)."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.finalize = runner.finalize
         self.forward_ms: list[float] = []
+        self.host_ms: list[float] = []
+        self.wait_ms: list[float] = []
+
+    def summary(self) -> dict[str, float | int]:
+        """Steps timed and their mean launch-to-tokens, host and wait times (ms)."""
+        steps = len(self.forward_ms)
+        return {"steps": steps, **{f"mean_{name}": statistics.fmean(values) if values else 0.0
+                                   for name, values in (("forward_ms", self.forward_ms), ("host_ms", self.host_ms),
+                                                        ("wait_ms", self.wait_ms))}}
 
     def __enter__(self) -> ExecuteTimes:
         def timed(step: LaunchedStep) -> StepResult:
             result = self.finalize(step)
             self.forward_ms.append(result.forward_ms)
+            self.host_ms.append(result.host_ms)
+            self.wait_ms.append(result.wait_ms)
             return result
 
         self.runner.finalize = timed  # type: ignore[method-assign]

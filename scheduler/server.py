@@ -62,20 +62,25 @@ _EXPIRY_INTERVAL_S = 0.1
 class _StepTimes:
     """Where a step's wall time went, summed over the steps since the last stats line:
     the time between consecutive results, the workers' ``forward_ms`` (a step's launch
-    to its tokens read, overlapping the step before with asynchronous scheduling) and
-    this process's share (a result received to the next plan sent)."""
+    to its tokens read, overlapping the step before with asynchronous scheduling) with
+    its two parts that say what bounds the workers (their own host work on the step,
+    and their wait for the device to hand its tokens over), and this process's share
+    (a result received to the next plan sent)."""
 
     steps: int = 0
     apart_s: float = 0.0
     apart_steps: int = 0
     executing_s: float = 0.0
+    host_s: float = 0.0
+    wait_s: float = 0.0
     between_s: float = 0.0
     between_steps: int = 0
     _result_at: float | None = None
     _last_result: float | None = None
     _chained = False  # the next step was in flight, or sent, when the last result came
 
-    def finished(self, now: float, forward_ms: float, in_flight: bool) -> None:
+    def finished(self, now: float, forward_ms: float, in_flight: bool, host_ms: float = 0.0,
+                 wait_ms: float = 0.0) -> None:
         """A result came at ``now``; ``in_flight``: another plan is in flight."""
         self._result_at = now
         if self._chained and self._last_result is not None:
@@ -85,6 +90,8 @@ class _StepTimes:
         self._chained = in_flight
         self.steps += 1
         self.executing_s += forward_ms / 1000.0
+        self.host_s += host_ms / 1000.0
+        self.wait_s += wait_ms / 1000.0
 
     def launched(self, now: float) -> None:
         if self._result_at is not None:
@@ -100,9 +107,11 @@ class _StepTimes:
     def summary(self) -> str:
         if not self.steps:
             return "no steps"
+        per_step = 1000 / self.steps
         return (f"{self.steps} steps: one every {1000 * self.apart_s / max(1, self.apart_steps):.2f} ms "
-                f"({1000 * self.executing_s / self.steps:.2f} ms launch to tokens in the workers), "
-                f"{1000 * self.between_s / max(1, self.between_steps):.2f} ms here before the next plan")
+                f"({per_step * self.executing_s:.2f} ms launch to tokens in the workers, "
+                f"{per_step * self.host_s:.2f} ms of their host work, {per_step * self.wait_s:.2f} ms waiting for "
+                f"the device), {1000 * self.between_s / max(1, self.between_steps):.2f} ms here before the next plan")
 
 
 class SchedulerServer:
@@ -437,7 +446,8 @@ class SchedulerServer:
             log.warning("dropped a result for step %d while waiting for step %d", result.step_id, plan.step_id)
             return
         self._in_flight.popleft()
-        self._step_times.finished(time.monotonic(), result.forward_ms, in_flight=bool(self._in_flight))
+        self._step_times.finished(time.monotonic(), result.forward_ms, in_flight=bool(self._in_flight),
+                                  host_ms=result.host_ms, wait_ms=result.wait_ms)
         outputs = self.scheduler.update_from_output(result)
         deferred, self._deferred = self._deferred, []
         for routing_id, msg in deferred:

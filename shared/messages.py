@@ -258,7 +258,13 @@ class StepResult(_Msg, frozen=True):
     request_ids: list[str]
     sampled_token_ids: list[list[int]]
     logprobs: list[list[TokenLogprobs] | None] = []
-    forward_ms: float = 0.0
+    forward_ms: float = 0.0  # launch to tokens on the host
+    # Of forward_ms: the worker's own host work on this step (applying the plan, building the
+    # inputs, queuing the kernels, decoding the tokens), and the time it sat waiting for the
+    # device to hand the tokens over. The rest: the worker on the steps around it, or waiting for
+    # the next plan.
+    host_ms: float = 0.0
+    wait_ms: float = 0.0
 
 
 class WorkerFailure(_Msg, frozen=True):

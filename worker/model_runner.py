@@ -98,6 +98,7 @@ class LaunchedStep:
     states: list[RequestState]  # of sample_ids, held here: a request may end before finalize
     hidden: torch.Tensor | None  # (S, hidden) rows to sample, until ``sample``
     started: float  # perf_counter at launch
+    host_s: float = 0.0  # host time spent on it so far (launch, sample, finalize), waits excluded
     pending: PendingSample | None = None
     tokens: torch.Tensor | None = None  # (S,) int64 on the device, every rank's, after ``sample``
     rows: dict[str, int] | None = None  # request id -> row of ``tokens``, built when a later step asks
@@ -481,11 +482,12 @@ class ModelRunner:
         start = self._apply_plan(plan)
         self._copy_blocks(plan.block_copies)
         if not plan.num_scheduled_tokens:
-            return LaunchedStep(plan.step_id, [], [], None, started)
+            return LaunchedStep(plan.step_id, [], [], None, started, host_s=time.perf_counter() - started)
         batch = self.host_batch(plan, start)
         hidden = self._forward(batch)
         states = [self.states[rid] for rid in batch.sample_ids]
-        return LaunchedStep(plan.step_id, batch.sample_ids, states, hidden, started)
+        return LaunchedStep(plan.step_id, batch.sample_ids, states, hidden, started,
+                            host_s=time.perf_counter() - started)
 
     @torch.inference_mode()
     def sample(self, step: LaunchedStep) -> None:
@@ -494,6 +496,7 @@ class ModelRunner:
         every rank of the group on the device."""
         if self._unfinalized is not None:
             raise RuntimeError(f"step {step.step_id} sampled before step {self._unfinalized.step_id} was finalized")
+        began = time.perf_counter()
         hidden, step.hidden = step.hidden, None
         if step.sample_ids:
             assert hidden is not None
@@ -505,22 +508,29 @@ class ModelRunner:
                 tokens = torch.empty(len(step.states), dtype=torch.int64, device=self.device)
             step.tokens = self.tp.broadcast(tokens)
         self._unfinalized = step
+        step.host_s += time.perf_counter() - began
 
     def finalize(self, step: LaunchedStep) -> StepResult:
         """Wait for the step's tokens, append them to their requests, and say what was sampled."""
         if step is not self._unfinalized:
             raise RuntimeError(f"step {step.step_id} finalized out of order")
+        began = time.perf_counter()
         self._unfinalized = None
         sampled_ids: list[list[int]] = []
         logprobs: list[list[TokenLogprobs] | None] = []
+        wait_s = 0.0
         if step.sample_ids:
             assert step.tokens is not None
             if step.pending is not None:
                 out = step.pending.result()
+                wait_s = step.pending.wait_s
                 token_ids = out.token_ids
                 logprobs = [None if lp is None else [lp] for lp in out.logprobs]
             else:
-                token_ids = [int(t) for t in step.tokens.tolist()]
+                waited = time.perf_counter()
+                host_tokens = step.tokens.tolist()  # the device hands them over: a wait
+                wait_s = time.perf_counter() - waited
+                token_ids = [int(t) for t in host_tokens]
             for state, token_id in zip(step.states, token_ids, strict=True):
                 state.token_ids.append(token_id)
                 state.sampling.append_output(token_id)
@@ -531,6 +541,8 @@ class ModelRunner:
             sampled_token_ids=sampled_ids,
             logprobs=logprobs if any(lp is not None for lp in logprobs) else [],
             forward_ms=(time.perf_counter() - step.started) * 1000.0,
+            host_ms=(step.host_s + time.perf_counter() - began - wait_s) * 1000.0,
+            wait_ms=wait_s * 1000.0,
         )
 
     def execute(self, plan: BatchPlan) -> StepResult:

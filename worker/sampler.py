@@ -55,6 +55,7 @@ pinned memory without waiting for it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -465,6 +466,7 @@ class PendingSample:
         self._top_ks = top_ks
         self._num_top = num_top
         self._ready: torch.cuda.Event | None = None
+        self.wait_s = 0.0  # how long ``result`` waited for the copy, once called
         if packed.device.type == "cuda":
             # Into pinned memory, queued on the stream: the host goes on until ``result``.
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -476,7 +478,9 @@ class PendingSample:
 
     def result(self) -> SamplerOutput:
         if self._ready is not None:
+            began = time.perf_counter()
             self._ready.synchronize()
+            self.wait_s = time.perf_counter() - began
         host = self._host.tolist()
         batch = int(self.tokens.shape[0])
         token_ids = [int(t) for t in host[:batch]]

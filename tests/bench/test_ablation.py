@@ -142,3 +142,5 @@ def test_smoke_runs_every_row(tmp_path):
         assert row["output_len_mismatches"] == 0, name
         assert row["output_tokens_per_s"] > 0 and row["batch1_tokens_per_s"] > 0
         assert row["cost_per_1m_output_tokens_usd"] > 0 and row["compute_roofline_fraction"] > 0
+    step_times = rows["engine"]["details"]["step_times"]
+    assert step_times["steps"] > 0 and 0 < step_times["mean_host_ms"] <= step_times["mean_forward_ms"]

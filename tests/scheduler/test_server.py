@@ -86,10 +86,11 @@ def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None
     and result to the next plan here; an idle spell counts in neither."""
     times = _StepTimes()
     assert times.summary() == "no steps"
-    times.finished(100.000, forward_ms=4.0, in_flight=False)  # one step at a time:
+    times.finished(100.000, forward_ms=4.0, in_flight=False, host_ms=1.0, wait_ms=2.5)  # one step at a time:
     times.launched(100.002)  # the next plan 2 ms after the result
     times.settled()
-    times.finished(100.014, forward_ms=6.0, in_flight=True)  # 14 ms apart; a lookahead plan in flight
+    # 14 ms apart; a lookahead plan in flight
+    times.finished(100.014, forward_ms=6.0, in_flight=True, host_ms=3.0, wait_ms=0.5)
     times.settled()
     times.finished(100.024, forward_ms=8.0, in_flight=False)  # 10 ms apart; nothing left to run
     times.settled()  # the next launch is not timed against this result
@@ -99,8 +100,8 @@ def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None
     assert times.steps == 4 and times.between_steps == 1 and times.apart_steps == 2
     assert times.apart_s == pytest.approx(0.024) and times.between_s == pytest.approx(0.002)
     assert times.executing_s == pytest.approx(0.026)
-    assert summary == ("4 steps: one every 12.00 ms (6.50 ms launch to tokens in the workers), "
-                       "2.00 ms here before the next plan")
+    assert summary == ("4 steps: one every 12.00 ms (6.50 ms launch to tokens in the workers, 1.00 ms of their "
+                       "host work, 0.75 ms waiting for the device), 2.00 ms here before the next plan")
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

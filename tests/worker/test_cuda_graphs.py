@@ -396,6 +396,9 @@ def test_runner_replays_graphs_and_syncs_once_per_step(gpu_runner: ModelRunner) 
         assert mixed.num_replays == mixed_replays + int(not decode_only)
         decode_steps += decode_only
         assert syncs == []
+        # The step's time split: host work and the wait for the tokens both fit in it.
+        assert result.host_ms > 0.0 and result.wait_ms >= 0.0
+        assert result.host_ms + result.wait_ms <= result.forward_ms + 0.05
         scheduler.update_from_output(result)
     assert 5 < decode_steps < mixed.num_replays + decode_steps
     runner.use_cuda_graphs = False

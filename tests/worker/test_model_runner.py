@@ -143,6 +143,18 @@ class PlanMaker:
             self.run(runner, self.plan({rid: 1 for rid in rids}))
 
 
+def test_step_result_splits_its_time(runner: ModelRunner) -> None:
+    """On the CPU the forward pass runs as it is queued: all of a step is host work, and no
+    copy from a device is waited for."""
+    pm = PlanMaker(runner, seed=2)
+    plan = pm.plan({"france": 5}, new={"france": PROMPTS["france"]})
+    result = runner.execute(plan)
+    assert result.wait_ms == 0.0
+    assert 0.0 < result.host_ms <= result.forward_ms
+    assert result.host_ms > 0.9 * result.forward_ms
+    runner.execute(pm.plan({}, finished=["france"]))
+
+
 def test_chunked_prefill_mixed_with_decodes(runner: ModelRunner) -> None:
     pm = PlanMaker(runner, seed=1)
     # "code" is prefilled in three chunks while "france" already decodes.
