@@ -67,7 +67,7 @@ def sweep_case(shape: LayerShape, cache: str, case: tuple[int, int], copy_bw: fl
     auto_splits = choose_num_splits(num_seqs, shape.num_kv_heads, context, torch.cuda.get_device_properties(0)
                                     .multi_processor_count)
     runs = [(config, auto_splits) for config in dict.fromkeys((default, *configs))]
-    runs += [(default, min(MAX_SPLITS, auto_splits * f)) for f in SPLIT_FACTORS if auto_splits * f <= MAX_SPLITS]
+    runs += [(default, auto_splits * f) for f in SPLIT_FACTORS if auto_splits * f <= MAX_SPLITS]
     results = []
     for config, splits in runs:
         def run(config: DecodeConfig = config, splits: int = splits) -> torch.Tensor:
