@@ -18,7 +18,9 @@ The torch formulations:
 * reshape_and_cache: ``index_copy_`` into the flattened cache;
 * rmsnorm: add, fp32 mean of squares, rsqrt, weight multiply;
 * rotary: rotate_half with gathered cos/sin, copied back in place;
-* silu_and_mul: ``F.silu(gate) * up``.
+* silu_and_mul: ``F.silu(gate) * up``;
+* gemv (one-row projections of a batch-1 decode step, and the LM head over one
+  row): ``F.linear``, i.e. cuBLAS.
 
 Times are medians of ``triton.testing.do_bench``, in microseconds.
 """
@@ -29,7 +31,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ import triton
 from triton.testing import do_bench
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.gemv import gemv, gemv_ref
 from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.paged_prefill_attention import (
     gather_context,
@@ -66,10 +69,23 @@ class LayerShape:
     head_dim: int
     hidden: int
     intermediate: int
+    vocab: int
+
+    def projections(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, out features, in features) of each weight a decode step multiplies."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        return (
+            ("qkv_proj", q + 2 * kv, self.hidden),
+            ("o_proj", self.hidden, q),
+            ("gate_up_proj", 2 * self.intermediate, self.hidden),
+            ("down_proj", self.hidden, self.intermediate),
+            ("lm_head", self.vocab, self.hidden),
+        )
 
 
-LLAMA_3_1_8B = LayerShape("llama-3.1-8b", 32, 8, 128, 4096, 14336)
-LLAMA_3_2_1B = LayerShape("llama-3.2-1b", 32, 8, 64, 2048, 8192)
+LLAMA_3_1_8B = LayerShape("llama-3.1-8b", 32, 8, 128, 4096, 14336, 128256)
+LLAMA_3_2_1B = LayerShape("llama-3.2-1b", 32, 8, 64, 2048, 8192, 128256)
 SHAPES = (LLAMA_3_1_8B, LLAMA_3_2_1B)
 
 # (batch, context length)
@@ -283,7 +299,7 @@ def torch_silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # (T, 2I) -> (T, I)
 def _row(
     kernel: str,
     shape: LayerShape,
-    params: dict[str, int | bool],
+    params: Mapping[str, object],
     triton_err: float,
     torch_err: float,
     triton_fn: Callable[[], object],
@@ -510,6 +526,44 @@ def bench_silu_and_mul(
     )
 
 
+def bench_gemv(
+    shape: LayerShape,
+    name: str,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    timer: Timer,
+) -> Row:
+    gen = torch.Generator(device=device).manual_seed(out_features + in_features)
+    x = torch.randn((1, in_features), generator=gen, dtype=dtype, device=device)
+    weight = torch.randn((out_features, in_features), generator=gen, dtype=dtype, device=device)
+    weight /= in_features**0.5
+    ref = gemv_ref(x, weight)
+    return _row(
+        "gemv",
+        shape,
+        {"weight": name, "out": out_features, "in": in_features},
+        rel_error(gemv(x, weight), ref),
+        rel_error(F.linear(x, weight), ref),
+        lambda: gemv(x, weight),
+        lambda: F.linear(x, weight),
+        timer,
+    )
+
+
+KERNELS = (
+    "decode_attention",
+    "prefill_attention",
+    "reshape_and_cache",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary",
+    "silu_and_mul",
+    "gemv",
+)
+
+
 def run_all(
     shapes: Sequence[LayerShape],
     dtype: torch.dtype,
@@ -519,19 +573,33 @@ def run_all(
     prefill_cases: Sequence[tuple[int, int, int]] = PREFILL_CASES,
     token_cases: Sequence[int] = TOKEN_CASES,
     block_size: int = BLOCK_SIZE,
+    kernels: Collection[str] = KERNELS,
 ) -> list[Row]:
+    """The rows of ``kernels`` (all by default), shape by shape."""
+    unknown = set(kernels) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; known: {', '.join(KERNELS)}")
     rows: list[Row] = []
     for shape in shapes:
-        for batch, context_len in decode_cases:
-            rows.append(bench_decode(shape, batch, context_len, dtype, device, timer, block_size))
-        for num_seqs, query_len, prefix_len in prefill_cases:
-            rows.append(bench_prefill(shape, num_seqs, query_len, prefix_len, dtype, device, timer, block_size))
+        if "decode_attention" in kernels:
+            for batch, context_len in decode_cases:
+                rows.append(bench_decode(shape, batch, context_len, dtype, device, timer, block_size))
+        if "prefill_attention" in kernels:
+            for num_seqs, query_len, prefix_len in prefill_cases:
+                rows.append(bench_prefill(shape, num_seqs, query_len, prefix_len, dtype, device, timer, block_size))
         for num_tokens in token_cases:
-            rows.append(bench_reshape_and_cache(shape, num_tokens, dtype, device, timer, block_size))
-            for fused in (False, True):
-                rows.append(bench_rms_norm(shape, num_tokens, fused, dtype, device, timer))
-            rows.append(bench_rotary(shape, num_tokens, dtype, device, timer))
-            rows.append(bench_silu_and_mul(shape, num_tokens, dtype, device, timer))
+            if "reshape_and_cache" in kernels:
+                rows.append(bench_reshape_and_cache(shape, num_tokens, dtype, device, timer, block_size))
+            for fused, name in ((False, "rms_norm"), (True, "fused_add_rms_norm")):
+                if name in kernels:
+                    rows.append(bench_rms_norm(shape, num_tokens, fused, dtype, device, timer))
+            if "rotary" in kernels:
+                rows.append(bench_rotary(shape, num_tokens, dtype, device, timer))
+            if "silu_and_mul" in kernels:
+                rows.append(bench_silu_and_mul(shape, num_tokens, dtype, device, timer))
+        if "gemv" in kernels:
+            for name, out_features, in_features in shape.projections():
+                rows.append(bench_gemv(shape, name, out_features, in_features, dtype, device, timer))
         # Each shape's caches are freed before the next one allocates its own.
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -563,13 +631,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="which rows to run")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.kernels needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    rows = run_all(SHAPES, dtype, device, cuda_timer)
+    rows = run_all(SHAPES, dtype, device, cuda_timer, kernels=args.kernels)
     print(format_table(rows))
     result = {
         "device": torch.cuda.get_device_name(device),

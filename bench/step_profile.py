@@ -86,7 +86,7 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rotary", ("rotary",)),
     ("SiLU-and-mul", ("silu",)),
     ("all-reduce", ("nccl",)),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "Kernel2")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "splitk", "Kernel2")),
 )
 OTHER = "other"
 

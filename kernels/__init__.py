@@ -12,11 +12,34 @@ The package does not import its kernel modules eagerly: whether a kernel runs
 compiled or under the Triton interpreter is fixed when its module is imported
 (``TRITON_INTERPRET=1`` must be set before that), so callers import the module
 they need, e.g. ``from kernels.rmsnorm import rms_norm``.
+
+**Programmatic dependent launch (PDL).** On Hopper and later GPUs the kernels of a
+decode step (norms, rotary, the KV write, decode attention, SiLU-and-multiply, the
+one-row matmul) are launched so that each may start while the kernel before it is
+still running. A batch-1 decode step is a chain of about 350 such kernels, most of
+them a few microseconds long, so the gap between one kernel's end and the next one's
+start is a real share of the step. The protocol, in every kernel launched this way
+(``PDL`` constexpr true):
+
+1. before ``gdc_wait()`` it reads only what no kernel writes during a forward pass
+   (weights, the rotary tables), never a step's inputs or outputs;
+2. ``gdc_wait()`` blocks until the previous kernel in the stream has finished and
+   its writes are visible; only then does it read activations or write anything;
+3. right after, ``gdc_launch_dependents()`` lets the next kernel launch, so that its
+   programs become resident and run their own step 1 while this one works.
+
+A kernel launched normally after one of these waits for it to finish, as always, so
+torch and cuBLAS kernels in between need nothing. ``pdl_args`` gives a launch its
+flags; ``set_pdl(False)``, or ``LOOMSERVE_PDL=0`` in the environment, turns PDL off
+(for comparisons, or a driver that mishandles it).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import cache
+from typing import Any
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
@@ -45,6 +68,34 @@ def kv_cache_arg(kv_cache: torch.Tensor) -> torch.Tensor:
 def is_interpreted(kernel: object) -> bool:
     """Whether ``kernel`` was built by the Triton CPU interpreter (TRITON_INTERPRET=1)."""
     return isinstance(kernel, InterpretedFunction)
+
+
+_pdl_allowed = os.environ.get("LOOMSERVE_PDL", "1") != "0"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Allow (the default) or forbid programmatic dependent launch in later launches. Launches
+    already captured in a CUDA graph keep what they had."""
+    global _pdl_allowed
+    _pdl_allowed = enabled
+
+
+@cache
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_args(kernel: object, device: torch.device) -> dict[str, Any]:
+    """Launch keyword arguments for a kernel that follows the module's PDL protocol: its
+    ``PDL`` constexpr, and the launch attribute itself where the GPU supports it (compute
+    capability 9.0 on), the kernel is compiled (not interpreted) and PDL is allowed."""
+    on = (
+        _pdl_allowed
+        and device.type == "cuda"
+        and not is_interpreted(kernel)
+        and _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+    )
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def check_devices(kernel: object, **tensors: torch.Tensor) -> torch.device:

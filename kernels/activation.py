@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
@@ -18,6 +19,7 @@ from kernels import (
     check_same_dtype,
     check_shape,
     is_interpreted,
+    pdl_args,
 )
 
 
@@ -29,7 +31,11 @@ def _silu_and_mul_kernel(  # type: ignore[no-untyped-def]
     stride_o,
     inter,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -55,7 +61,7 @@ def silu_and_mul(
     check_same_dtype(x=x, out=out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    check_devices(_silu_and_mul_kernel, x=x, out=out)
+    device = check_devices(_silu_and_mul_kernel, x=x, out=out)
     x_rows = x.reshape(-1, 2 * inter)  # (N, 2I)
     out_rows = out.view(-1, inter)  # (N, I); a view, so the kernel writes into ``out``
     check_last_dim_contiguous("x", x_rows)
@@ -72,6 +78,7 @@ def silu_and_mul(
         inter,
         BLOCK=block,
         num_warps=1 if interpreted else 4,
+        **pdl_args(_silu_and_mul_kernel, device),
     )
     return out
 

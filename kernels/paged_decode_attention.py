@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
@@ -35,6 +36,7 @@ from kernels import (
     check_shape,
     is_interpreted,
     kv_cache_arg,
+    pdl_args,
 )
 
 # A split shorter than this spends more on its partial result than it saves.
@@ -80,7 +82,11 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,  # the cache holds FP8 (e4m3) bytes
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -181,7 +187,11 @@ def _decode_combine_kernel(  # type: ignore[no-untyped-def]
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,  # the split kernel's, to recompute its split length
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -369,6 +379,7 @@ def paged_decode_attention(
         KV_FP8=kv_cache.dtype == KV_FP8,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_args(_decode_split_kernel, device),
     )
     if not single:
         _decode_combine_kernel[(num_seqs, num_heads)](
@@ -389,6 +400,7 @@ def paged_decode_attention(
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             num_warps=1 if interpreted else 4,
+            **pdl_args(_decode_combine_kernel, device),
         )
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
@@ -22,6 +23,7 @@ from kernels import (
     check_same_dtype,
     check_shape,
     kv_cache_arg,
+    pdl_args,
 )
 
 
@@ -62,8 +64,12 @@ def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr,  # write FP8 (e4m3) bytes, saturated at +-FP8_MAX
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
     # One program copies one (token, kv head) row of head_dim elements.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -108,7 +114,7 @@ def reshape_and_cache(
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     for name, tensor in (("key", key), ("value", value), ("kv_cache", kv_cache)):
         check_last_dim_contiguous(name, tensor)
-    check_devices(
+    device = check_devices(
         _reshape_and_cache_kernel,
         key=key,
         value=value,
@@ -138,6 +144,7 @@ def reshape_and_cache(
         KV_FP8=kv_cache.dtype == KV_FP8,
         FP8_MAX=FP8_MAX,
         num_warps=1 if block_d <= 128 else 2,
+        **pdl_args(_reshape_and_cache_kernel, device),
     )
 
 

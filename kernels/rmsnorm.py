@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
@@ -21,6 +22,7 @@ from kernels import (
     check_same_dtype,
     check_shape,
     is_interpreted,
+    pdl_args,
 )
 
 # One program holds a whole row in registers.
@@ -42,10 +44,15 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -53,7 +60,6 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
         tl.store(residual_out_ptr + row * stride_ro + cols, summed, mask=mask)
         x = summed.to(tl.float32)
     mean_square = tl.sum(x * x, axis=0) / hidden
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = x * tl.rsqrt(mean_square + eps) * weight
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -116,6 +122,7 @@ def _launch(
         BLOCK=block,
         # About 16 elements per thread: 16 warps for a 4096-wide row, fewer when narrower.
         num_warps=1 if is_interpreted(_rms_norm_kernel) else min(16, max(1, block // 512)),
+        **pdl_args(_rms_norm_kernel, x_rows.device),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
@@ -27,6 +28,7 @@ from kernels import (
     check_same_dtype,
     check_shape,
     is_interpreted,
+    pdl_args,
 )
 
 
@@ -71,9 +73,13 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
     # One program rotates every query and key head of one token, so the token's
     # cos/sin row is loaded once.
+    if PDL:
+        gdc_wait()  # the positions are a step's input
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_HALF)
@@ -117,7 +123,7 @@ def apply_rotary(
     check_same_dtype(cos=cos, sin=sin)
     for name, tensor in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_last_dim_contiguous(name, tensor)
-    check_devices(_rotary_kernel, q=q, k=k, positions=positions, cos=cos, sin=sin)
+    device = check_devices(_rotary_kernel, q=q, k=k, positions=positions, cos=cos, sin=sin)
     if num_tokens == 0:
         return
     num_k_heads = k.shape[1]
@@ -144,6 +150,7 @@ def apply_rotary(
         BLOCK_HK=triton.next_power_of_2(num_k_heads),
         BLOCK_HALF=block_half,
         num_warps=num_warps,
+        **pdl_args(_rotary_kernel, device),
     )
 
 

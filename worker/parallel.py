@@ -6,7 +6,7 @@ two points per layer.
 
 * **Column-parallel** projections (q/k/v, gate/up) keep a slice of the output
   features: each rank computes its own heads and its own slice of the MLP's
-  intermediate features, with no communication. These are plain ``nn.Linear``
+  intermediate features, with no communication. These are plain :class:`Linear`
   of the local size.
 * **Row-parallel** projections (attention output, down) keep the matching slice
   of the input features; each rank's product is a partial sum of the full one,
@@ -18,6 +18,10 @@ two points per layer.
 * Query heads are split evenly; key/value heads too when there are at least
   as many as ranks, otherwise each one is replicated on ``size / kv_heads``
   ranks (the ranks whose query heads read it), see :meth:`TensorParallel.kv_heads`.
+
+Every projection computes its product through the ``matmul`` it was built with:
+``F.linear``, or on a GPU a function that sends one-row inputs to a
+matrix-vector kernel (``kernels.gemv.linear``).
 
 With ``size == 1`` the model is built from plain layers and never calls
 ``torch.distributed``. Weights are loaded slice by slice: :class:`Shard` says
@@ -31,6 +35,7 @@ CPU) at a TCP rendezvous address, so they may run on several hosts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,6 +49,9 @@ log = logging.getLogger(__name__)
 # How long a rank waits for the others at start-up and in a collective. A rank
 # that dies is noticed sooner: its group launcher stops the others.
 _DIST_TIMEOUT = timedelta(minutes=10)
+
+# ``F.linear``'s signature: (input, weight, bias) -> input @ weight.T + bias.
+Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -159,24 +167,39 @@ def destroy_tensor_parallel(tp: TensorParallel) -> None:
         dist.destroy_process_group()
 
 
-class RowParallelLinear(nn.Linear):
-    """``nn.Linear`` over this rank's slice of the input features; the partial products
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is ``matmul`` (``F.linear`` unless told otherwise)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, matmul: Matmul = F.linear) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.matmul = matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.bias)
+
+
+class RowParallelLinear(Linear):
+    """:class:`Linear` over this rank's slice of the input features; the partial products
     are summed over the ranks, then the (replicated) bias is added once."""
 
-    def __init__(self, local_in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
-        super().__init__(local_in_features, out_features, bias=bias)
+    def __init__(
+        self, local_in_features: int, out_features: int, bias: bool, tp: TensorParallel, matmul: Matmul
+    ) -> None:
+        super().__init__(local_in_features, out_features, bias, matmul)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.matmul(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 
 
-def row_parallel_linear(in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> nn.Linear:
-    """A plain ``nn.Linear`` for a group of one, else :class:`RowParallelLinear`."""
+def row_parallel_linear(
+    in_features: int, out_features: int, bias: bool, tp: TensorParallel, matmul: Matmul = F.linear
+) -> Linear:
+    """A plain :class:`Linear` for a group of one, else :class:`RowParallelLinear`."""
     if tp.size == 1:
-        return nn.Linear(in_features, out_features, bias=bias)
-    return RowParallelLinear(tp.split(in_features, "input features"), out_features, bias, tp)
+        return Linear(in_features, out_features, bias, matmul)
+    return RowParallelLinear(tp.split(in_features, "input features"), out_features, bias, tp, matmul)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -197,18 +220,18 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
-class ParallelLMHead(nn.Linear):
+class ParallelLMHead(Linear):
     """The LM head rows of this rank's vocabulary range; the logits of all ranks are
     gathered, so every rank sees the whole (N, vocab) row."""
 
-    def __init__(self, dim: int, vocab_size: int, tp: TensorParallel) -> None:
+    def __init__(self, dim: int, vocab_size: int, tp: TensorParallel, matmul: Matmul) -> None:
         per_rank, _ = tp.vocab_shard(vocab_size)
-        super().__init__(dim, per_rank, bias=False)
+        super().__init__(dim, per_rank, False, matmul)
         self.tp = tp
         self.vocab_size = vocab_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, dim) -> (N, vocab)
-        return self.tp.all_gather_last_dim(F.linear(x, self.weight))[..., : self.vocab_size]
+        return self.tp.all_gather_last_dim(self.matmul(x, self.weight, None))[..., : self.vocab_size]
 
 
 def embedding(vocab_size: int, dim: int, tp: TensorParallel) -> nn.Embedding:
@@ -219,7 +242,7 @@ def embedding(vocab_size: int, dim: int, tp: TensorParallel) -> nn.Embedding:
     return VocabParallelEmbedding(vocab_size, dim, tp)
 
 
-def lm_head(dim: int, vocab_size: int, tp: TensorParallel) -> nn.Linear:
+def lm_head(dim: int, vocab_size: int, tp: TensorParallel, matmul: Matmul = F.linear) -> Linear:
     if tp.size == 1:
-        return nn.Linear(dim, vocab_size, bias=False)
-    return ParallelLMHead(dim, vocab_size, tp)
+        return Linear(dim, vocab_size, False, matmul)
+    return ParallelLMHead(dim, vocab_size, tp, matmul)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bench.kernels import LayerShape, format_table, main, run_all
+from bench.kernels import KERNELS, LayerShape, format_table, main, run_all
 
-TINY = LayerShape("tiny", num_heads=4, num_kv_heads=2, head_dim=16, hidden=48, intermediate=40)
+TINY = LayerShape("tiny", num_heads=4, num_kv_heads=2, head_dim=16, hidden=48, intermediate=40, vocab=100)
 
 
 def _call_once(fn):
@@ -28,21 +28,27 @@ def test_all_cases_agree_with_references(device):
         token_cases=[3],
         block_size=4,
     )
-    kernels = {row["kernel"] for row in rows}
-    assert kernels == {
-        "decode_attention",
-        "prefill_attention",
-        "reshape_and_cache",
-        "rms_norm",
-        "fused_add_rms_norm",
-        "rotary",
-        "silu_and_mul",
+    assert {row["kernel"] for row in rows} == set(KERNELS)
+    gemv_params = [row["params"] for row in rows if row["kernel"] == "gemv"]
+    assert {p["weight"] for p in gemv_params if isinstance(p, dict)} == {
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+        "lm_head",
     }
     bad = [row for row in rows if not row["ok"]]
     assert not bad, bad
     table = format_table(rows)
     assert "prefill_attention" in table and "FAIL" not in table
     json.dumps(rows)
+
+
+def test_a_subset_of_kernels(device):
+    rows = run_all([TINY], torch.float32, device, _call_once, token_cases=[2], kernels=["gemv", "rotary"])
+    assert [row["kernel"] for row in rows] == ["rotary"] + ["gemv"] * 5
+    with pytest.raises(ValueError, match="unknown kernels"):
+        run_all([TINY], torch.float32, device, _call_once, kernels=["matmul"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

@@ -6,7 +6,7 @@ RMSNorm -> SiLU-gated MLP -> residual), a final RMSNorm and an LM head.
 
 The model works on a flattened batch (see ``worker.attention.base``): the new
 tokens of every sequence on one axis of length T, with a paged KV cache per
-layer. Projections are ``nn.Linear`` layers; under tensor parallelism
+layer. Projections are ``worker.parallel.Linear`` layers; under tensor parallelism
 (``worker.parallel``) each rank builds the same network with its share of the
 heads and features, the row-parallel projections, embedding and LM head being
 the parallel layer classes of that module, so the forward passes do not change.
@@ -14,10 +14,11 @@ The fused ``qkv_proj`` and ``gate_up_proj`` record their (local) part sizes
 (``qkv_sizes``, ``gate_up_sizes``).
 
 The elementwise stages (RMSNorm with its residual add, rotary embedding,
-SiLU-and-multiply) are layer classes too, picked once at construction through
-``LayerOps``: plain torch on the CPU (``TORCH_OPS``), the fused Triton kernels of
-``kernels/`` on a GPU (``TRITON_OPS``). The forward passes never branch on the
-device.
+SiLU-and-multiply) are layer classes too, and the projections' product a
+function; all are picked once at construction through ``LayerOps``: plain torch
+on the CPU (``TORCH_OPS``), the fused Triton kernels of ``kernels/`` on a GPU
+(``TRITON_OPS``, whose product sends one-row inputs, a batch-1 decode step, to
+the matrix-vector kernel). The forward passes never branch on the device.
 
 Parameter names are Hugging Face's without the ``model.`` prefix, except for
 the fused modules; the loaders address weights by their Hugging Face names
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,16 @@ from torch import nn
 
 from worker.attention.base import AttentionBackend, AttentionMetadata
 from worker.model_config import ModelConfig, llama3_freq_factors
-from worker.parallel import SINGLE, Shard, TensorParallel, embedding, lm_head, row_parallel_linear
+from worker.parallel import (
+    SINGLE,
+    Linear,
+    Matmul,
+    Shard,
+    TensorParallel,
+    embedding,
+    lm_head,
+    row_parallel_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +185,33 @@ class TritonSiluAndMul(SiluAndMul):
         return self._silu_and_mul(gate_up)
 
 
+def torch_matmul() -> Matmul:
+    return F.linear
+
+
+def triton_matmul() -> Matmul:
+    """``F.linear``, but one-row inputs go to ``kernels.gemv``."""
+    # triton is optional: see TritonRMSNorm.
+    from kernels.gemv import linear
+
+    return linear
+
+
 @dataclass(frozen=True)
 class LayerOps:
-    """The implementations of the model's elementwise stages."""
+    """The implementations of the model's elementwise stages and of its projections'
+    product (``matmul()`` returns it; called once per model)."""
 
     norm: type[RMSNorm]
     rotary: type[Rotary]
     activation: type[SiluAndMul]
+    matmul: Callable[[], Matmul]
 
 
-TORCH_OPS = LayerOps(norm=RMSNorm, rotary=Rotary, activation=SiluAndMul)
-TRITON_OPS = LayerOps(norm=TritonRMSNorm, rotary=TritonRotary, activation=TritonSiluAndMul)
+TORCH_OPS = LayerOps(norm=RMSNorm, rotary=Rotary, activation=SiluAndMul, matmul=torch_matmul)
+TRITON_OPS = LayerOps(
+    norm=TritonRMSNorm, rotary=TritonRotary, activation=TritonSiluAndMul, matmul=triton_matmul
+)
 
 
 def default_layer_ops(device: str | torch.device) -> LayerOps:
@@ -196,15 +223,22 @@ class LlamaAttention(nn.Module):
     """Grouped-query attention over this rank's query heads and the KV heads they read."""
 
     def __init__(
-        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps, tp: TensorParallel
+        self,
+        config: ModelConfig,
+        attn_backend: type[AttentionBackend],
+        ops: LayerOps,
+        tp: TensorParallel,
+        matmul: Matmul,
     ) -> None:
         super().__init__()
         self.num_heads = tp.split(config.num_heads, "num_heads")
         self.num_kv_heads, _ = tp.kv_heads(config.num_kv_heads, config.num_heads)
         self.head_dim = d = config.head_dim
         self.qkv_sizes = (self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=config.attention_bias)
-        self.o_proj = row_parallel_linear(config.q_size, config.hidden_size, config.attention_out_bias, tp)
+        self.qkv_proj = Linear(config.hidden_size, sum(self.qkv_sizes), config.attention_bias, matmul)
+        self.o_proj = row_parallel_linear(
+            config.q_size, config.hidden_size, config.attention_out_bias, tp, matmul
+        )
         self.rotary = ops.rotary()
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, d, d**-0.5)
 
@@ -224,13 +258,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: LayerOps, tp: TensorParallel) -> None:
+    def __init__(self, config: ModelConfig, ops: LayerOps, tp: TensorParallel, matmul: Matmul) -> None:
         super().__init__()
         local = tp.split(config.intermediate_size, "intermediate_size")
         self.gate_up_sizes = (local, local)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * local, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * local, False, matmul)
         self.act = ops.activation()
-        self.down_proj = row_parallel_linear(config.intermediate_size, config.hidden_size, False, tp)
+        self.down_proj = row_parallel_linear(config.intermediate_size, config.hidden_size, False, tp, matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
         return self.down_proj(self.act(self.gate_up_proj(x)))  # via (T, 2 I) and (T, I)
@@ -238,13 +272,18 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, attn_backend: type[AttentionBackend], ops: LayerOps, tp: TensorParallel
+        self,
+        config: ModelConfig,
+        attn_backend: type[AttentionBackend],
+        ops: LayerOps,
+        tp: TensorParallel,
+        matmul: Matmul,
     ) -> None:
         super().__init__()
         self.input_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, attn_backend, ops, tp)
+        self.self_attn = LlamaAttention(config, attn_backend, ops, tp, matmul)
         self.post_attention_layernorm = ops.norm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, ops, tp)
+        self.mlp = LlamaMLP(config, ops, tp, matmul)
 
     def forward(
         self,
@@ -274,13 +313,14 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.ops = ops
         self.tp = tp
+        matmul = ops.matmul()
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attn_backend, ops, tp) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, attn_backend, ops, tp, matmul) for _ in range(config.num_layers)
         )
         self.norm = ops.norm(config.hidden_size, config.rms_norm_eps)
         self.rotary = ops.rotary()
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp, matmul)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
