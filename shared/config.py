@@ -61,7 +61,8 @@ class WorkerConfig:
     kv_cache_gb: float = _opt(2.0, "KV cache size in GiB on the CPU")
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory for weights, activations and KV cache")
     max_model_len: int | None = _opt(None, "longest sequence (default: the model's context length)")
-    num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores)")
+    num_threads: int | None = _opt(None, "torch threads on the CPU (default: all cores; a GPU worker "
+                                         "uses 1 once its model is loaded)")
     seed: int = _opt(0, "seed of dummy weights and of unseeded sampling")
     enforce_eager: bool = _opt(False, "never replay CUDA graphs (debugging, memory)")
     cuda_graph_max_tokens: int = _opt(2048, "largest prefill or mixed step, in tokens, replayed from a CUDA "

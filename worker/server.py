@@ -60,6 +60,10 @@ class WorkerServer:
             raise ValueError("a rank of a worker group needs --dist-init-address (host:port of the rendezvous)")
         self.tp = init_tensor_parallel(rank, config.tp, config.dist_init_address or "", device.device)
         self.runner = ModelRunner(config, model_path, device, use_cuda_graphs=not config.enforce_eager, tp=self.tp)
+        if device.is_cuda and not config.num_threads:
+            # A GPU worker's host tensors are small; torch's thread pool only makes its threads
+            # wait for each other on a host that also runs gateways and clients.
+            torch.set_num_threads(1)
         self.device_name = device.describe()
         self.model_name = model_path.name if config.load_format != "dummy" else str(config.model)
         self._ctx = zmq.Context()

@@ -24,7 +24,7 @@ from worker.attention.base import AttentionMetadata
 from worker.attention.torch_backend import TorchAttentionBackend
 from worker.device import DeviceInfo
 from worker.local_engine import LocalEngine
-from worker.model_runner import ModelRunner
+from worker.model_runner import ModelRunner, PinnedSlots
 from worker.models.llama import allocate_kv_caches
 
 if not torch.cuda.is_available():
@@ -349,3 +349,39 @@ def test_fp8_kv_cache_keeps_the_default_models_greedy_text(default_model_path) -
         assert [t for t, _ in fp8[rid]] == [t for t, _ in full[rid]], rid
         drift = [abs(a - b) for (_, a), (_, b) in zip(fp8[rid], full[rid], strict=True)]
         assert sum(drift) / len(drift) < 0.06 and max(drift) < 0.4, drift  # measured: 0.02-0.04, 0.06-0.23
+
+
+def test_pinned_slots_rotate_and_reuse_their_buffers() -> None:
+    slots = PinnedSlots(pin=torch.cuda.is_available())
+    taken = [slots.take() for _ in range(2 * PinnedSlots.SLOTS)]
+    assert taken == list(range(PinnedSlots.SLOTS)) * 2
+    first = slots.buffer(0, torch.int32, 100)
+    assert first.numel() == 100 and first.dtype == torch.int32
+    # A smaller or equal request reuses the slot's memory; a larger one grows it.
+    assert slots.buffer(0, torch.int32, 60).data_ptr() == first.data_ptr()
+    grown = slots.buffer(0, torch.int32, 10_000)
+    assert grown.numel() == 10_000 and slots.buffer(0, torch.int32, 9_000).data_ptr() == grown.data_ptr()
+    # Each dtype and each slot has its own buffer.
+    assert slots.buffer(0, torch.int64, 100).data_ptr() != grown.data_ptr()
+    assert slots.buffer(1, torch.int32, 100).data_ptr() != grown.data_ptr()
+    slots.done(0)
+    assert slots.take() == 0  # waits for the copies queued before done(0), if any
+
+
+def test_batches_in_reused_buffers_carry_nothing_over(runner: ModelRunner) -> None:
+    """Every batch's host arrays come out as a fresh zeroed allocation would give them,
+    whatever its slot's buffers held before."""
+    pm = PlanMaker(runner, seed=5)
+    pm.run(runner, pm.plan({"a": 18, "b": 5}, new={"a": PROMPTS["code"], "b": PROMPTS["france"]}))
+    for slot in range(PinnedSlots.SLOTS):
+        for dtype in (torch.int32, torch.int64):
+            runner.staging.buffer(slot, dtype, 100_000).fill_(7)  # leftovers of bigger steps
+    plan = pm.plan({"a": 1, "b": 1})
+    batch = runner.host_batch(plan, runner._apply_plan(plan))
+    tables = [runner.states[rid].block_ids.tolist() for rid in ("a", "b")]
+    width = max(len(t) for t in tables)
+    assert batch.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
+    assert len(tables[0]) > len(tables[1])
+    assert batch.query_start_loc.tolist() == [0, 1, 2] and batch.seq_lens.tolist() == [19, 6]
+    assert batch.token_data[1].tolist() == [18, 5]
+    runner.staging.done(batch.slot)
