@@ -1,22 +1,29 @@
-"""Batch-1 decode with and without the one-row matmul kernel (``kernels.gemv``) and programmatic
-dependent launch, side by side.
+"""Batch-1 decode with and without the one-row matmul kernel (``kernels.gemv``), programmatic
+dependent launch and the KV write fused into the rotary kernel, side by side.
 
     python -m bench.batch1_decode --out results/batch1-decode.json
 
 For each shape (default: llama-3.2-1b, then llama-3.1-8b): one engine (dummy weights, bf16,
 Triton kernels, CUDA graphs) runs the batch-1 decode of ``bench.gpu_engine`` (a 512-token
 prompt, 256 tokens generated: the median step time, scheduler and host included, against the
-bandwidth roofline from the copy bandwidth measured at the start of the same run) in four
-variants: the model's projections and LM head computing through ``F.linear`` (cuBLAS) or
-through ``kernels.gemv.linear``, each with the Triton kernels launched normally or with
-programmatic dependent launch (PDL, see ``kernels/__init__.py``). The variants alternate for
-``--rounds`` rounds after one untimed run of each. A CUDA graph replays the kernels it was
-captured with, so the batch-1 decode graph is captured again at every switch.
+bandwidth roofline from the copy bandwidth measured at the start of the same run) in five
+variants (``VARIANTS``): the model's projections and LM head computing through ``F.linear``
+(cuBLAS) or through ``kernels.gemv.linear``, each with the Triton kernels launched normally or
+with programmatic dependent launch (PDL, see ``kernels/__init__.py``), and the last with the
+rotary kernel also writing the KV cache (the default) instead of ``reshape_and_cache`` after
+it. The variants alternate for ``--rounds`` rounds after one untimed run of each. A CUDA graph
+replays the kernels it was captured with, so the batch-1 decode graph is captured again at
+every switch.
+
+``--gemv-configs 2x2048x4 ...`` adds a default-setup variant per matrix-vector kernel configuration
+(output features per program x slice width x warps, for every projection), to tune
+``kernels.gemv.default_gemv_config`` on the whole step rather than on one kernel alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -24,6 +31,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +40,60 @@ import triton
 from bench import gpu_engine
 from bench.serving import _git_state
 from kernels import set_pdl
+from kernels.gemv import GemvConfig
 from kernels.gemv import linear as gemv_linear
 from shared.config import SchedulerConfig, WorkerConfig
 from worker.cuda_graphs import DecodeGraphs
 from worker.local_engine import LocalEngine
+from worker.models.llama import TritonRotary
 from worker.parallel import Linear, Matmul
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
-# name: (the projections' product, PDL on); the first is the baseline.
-VARIANTS: dict[str, tuple[Matmul, bool]] = {
-    "cublas": (F.linear, False),
-    "cublas+pdl": (F.linear, True),
-    "gemv": (gemv_linear, False),
-    "gemv+pdl": (gemv_linear, True),
+
+
+class Variant(NamedTuple):
+    matmul: Matmul  # the projections' product
+    pdl: bool  # programmatic dependent launch allowed
+    fused_kv_write: bool  # the rotary kernel writes the KV cache (else reshape_and_cache does)
+
+
+# The first is the baseline: the decode step before any of these changes.
+VARIANTS: dict[str, Variant] = {
+    "cublas": Variant(F.linear, False, False),
+    "cublas+pdl": Variant(F.linear, True, False),
+    "gemv": Variant(gemv_linear, False, False),
+    "gemv+pdl": Variant(gemv_linear, True, False),
+    "gemv+pdl+fused-kv": Variant(gemv_linear, True, True),
 }
 
 
-def use_variant(engine: LocalEngine, matmul: Matmul, pdl: bool) -> None:
-    """Point every projection of the engine's model at ``matmul``, allow PDL or not, and
-    capture the batch-1 decode graph again."""
-    set_pdl(pdl)
+def parse_gemv_config(text: str) -> GemvConfig:
+    """``"2x2048x4"`` -> GemvConfig(2, 2048, 4)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BLOCK_NxBLOCK_KxWARPS, e.g. 2x2048x4, got {text!r}")
+    return GemvConfig(*(int(p) for p in parts))
+
+
+def variants(gemv_configs: list[GemvConfig]) -> dict[str, Variant]:
+    """The fixed variants, then gemv+pdl+fused-kv with each of ``gemv_configs``."""
+    extra = {
+        f"gemv {c.block_n}x{c.block_k}x{c.num_warps}": Variant(functools.partial(gemv_linear, config=c), True, True)
+        for c in gemv_configs
+    }
+    return {**VARIANTS, **extra}
+
+
+def use_variant(engine: LocalEngine, variant: Variant) -> None:
+    """Set the engine's model up as ``variant`` says and capture the batch-1 decode graph
+    again."""
+    set_pdl(variant.pdl)
     runner = engine.runner
     for module in runner.model.modules():
         if isinstance(module, Linear):
-            module.matmul = matmul
+            module.matmul = variant.matmul
+        elif isinstance(module, TritonRotary):
+            module.writes_kv_cache = variant.fused_kv_write
     old = runner.graphs
     if old is None:
         raise RuntimeError("the engine runs without CUDA graphs")
@@ -71,16 +109,17 @@ def use_variant(engine: LocalEngine, matmul: Matmul, pdl: bool) -> None:
     runner.graphs = graphs
 
 
-def bench_shape(shape: str, rounds: int, copy_bw: float) -> dict[str, object]:
+def bench_shape(shape: str, rounds: int, copy_bw: float, gemv_configs: list[GemvConfig]) -> dict[str, object]:
     gpu_engine.progress(f"{shape}: loading dummy weights, capturing CUDA graphs")
     worker_config = WorkerConfig(
         model=shape, load_format="dummy", device="cuda", max_model_len=gpu_engine.MAX_MODEL_LEN
     )
     engine = LocalEngine(SchedulerConfig(), worker_config, shape)
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    chosen = variants(gemv_configs)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for round_ in range(rounds + 1):
-        for name, (matmul, pdl) in VARIANTS.items():
-            use_variant(engine, matmul, pdl)
+        for name, variant in chosen.items():
+            use_variant(engine, variant)
             result = gpu_engine.batch1_decode(engine, True, copy_bw)
             if round_ == 0:
                 continue  # builds the kernels' variants and warms the clocks
@@ -103,14 +142,16 @@ def bench_shape(shape: str, rounds: int, copy_bw: float) -> dict[str, object]:
 
 
 def format_table(shapes: list[dict[str, object]]) -> str:
-    lines = [f"{'shape':<14} {'variant':<11} {'step ms':>8} {'tok/s':>8} {'% of BW roofline':>17} {'speedup':>8}"]
+    lines = [f"{'shape':<14} {'variant':<18} {'step ms':>8} {'tok/s':>8} {'% of BW roofline':>17} {'speedup':>8}"]
     for shape in shapes:
-        base = shape[next(iter(VARIANTS))]
+        runs = shape["runs"]
+        assert isinstance(runs, dict)
+        base = shape[next(iter(runs))]
         assert isinstance(base, dict)
-        for name in VARIANTS:
+        for name in runs:
             row = shape[name]
             assert isinstance(row, dict)
-            lines.append(f"{shape['shape']!s:<14} {name:<11} {row['median_step_ms']:>8.3f} {row['tokens_per_s']:>8.1f} "
+            lines.append(f"{shape['shape']!s:<14} {name:<18} {row['median_step_ms']:>8.3f} {row['tokens_per_s']:>8.1f} "
                          f"{100 * row['fraction_of_roofline']:>16.1f}% "
                          f"{base['median_step_ms'] / row['median_step_ms']:>7.2f}x")
     return "\n".join(lines)
@@ -121,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="dummy model shapes, in order")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each variant, alternated")
+    parser.add_argument("--gemv-configs", nargs="+", type=parse_gemv_config, default=[], metavar="NxKxW",
+                        help="also run the default setup with these gemv configurations")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.batch1_decode needs a CUDA GPU", file=sys.stderr)
@@ -129,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = gpu_engine.copy_bandwidth(device)
     gpu_engine.progress(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + written)")
     try:
-        shapes = [bench_shape(shape, args.rounds, copy_bw) for shape in args.shapes]
+        shapes = [bench_shape(shape, args.rounds, copy_bw, args.gemv_configs) for shape in args.shapes]
     finally:
         set_pdl(True)
     result = {

@@ -10,7 +10,7 @@ multiplies them by the matching slice of ``x`` and accumulates elementwise in fp
 registers, reducing across ``K`` only once at the end. Launched with programmatic
 dependent launch (see ``kernels/__init__.py``), a program loads its first weight
 slice while the kernel that produces ``x`` is still running. Many small programs
-(about a thousand for a 4096-feature layer) keep enough loads in flight to saturate
+(about two thousand for a 4096-feature layer) keep enough loads in flight to saturate
 the memory bus.
 
 :func:`linear` uses the kernel for one row only: from a few rows on, a matrix-multiply
@@ -18,6 +18,8 @@ tile is no longer mostly padding, and cuBLAS's tensor-core kernels win.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,8 @@ from kernels import (
 )
 
 # The widest slice of a weight row a program loads per iteration. A program keeps a
-# (BLOCK_N, BLOCK_K) fp32 accumulator in registers: 4 x 1024 is 32 per thread at 4 warps.
-MAX_BLOCK_K = 1024
+# (BLOCK_N, BLOCK_K) fp32 accumulator in registers: 2 x 2048 is 32 per thread at 4 warps.
+MAX_BLOCK_K = 2048
 
 
 @triton.jit
@@ -79,17 +81,26 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv_tiles(out_features: int, in_features: int, interpreted: bool = False) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_K)`` for a ``(out_features, in_features)`` weight.
+class GemvConfig(NamedTuple):
+    """A program's tile and warps (``bench.batch1_decode --gemv-configs`` compares them)."""
 
-    Slices of up to 1024 inputs; 4 output features per program, or 2 for layers of
-    fewer than 4096 features, whose programs would otherwise be too few to fill the
-    GPU (``bench.kernels`` gemv rows; the interpreter gets small tiles).
+    block_n: int  # output features per program
+    block_k: int  # width of the weight slices it streams
+    num_warps: int
+
+
+def default_gemv_config(out_features: int, in_features: int, interpreted: bool = False) -> GemvConfig:
+    """The configuration the launcher uses for a ``(out_features, in_features)`` weight:
+    2 output features per program, slices of up to 2,048 inputs, 4 warps.
+
+    Chosen on whole batch-1 decode steps (``bench.batch1_decode --gemv-configs``, one H200):
+    at Llama-3.1-8B 4.22 ms a step against 4.46 ms for 4 x 1,024 and 4.25-4.47 ms for the
+    other tiles tried; at Llama-3.2-1B, whose steps vary more from run to run, among the
+    best. The interpreter gets small tiles.
     """
     if interpreted:
-        return 2, min(64, triton.next_power_of_2(in_features))
-    block_n = 4 if out_features >= 4096 else 2
-    return block_n, min(MAX_BLOCK_K, triton.next_power_of_2(in_features))
+        return GemvConfig(2, min(64, triton.next_power_of_2(in_features)), 1)
+    return GemvConfig(2, min(MAX_BLOCK_K, triton.next_power_of_2(in_features)), 4)
 
 
 def gemv(
@@ -97,9 +108,10 @@ def gemv(
     weight: torch.Tensor,  # (N, K)
     bias: torch.Tensor | None = None,  # (N,)
     out: torch.Tensor | None = None,  # (..., N)
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:  # (..., N)
     """``F.linear(x, weight, bias)`` for an ``x`` of exactly one row, in fp32 registers,
-    rounded once to the input dtype."""
+    rounded once to the input dtype. ``config`` overrides :func:`default_gemv_config`."""
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
     check_dtype("x", x, FLOAT_DTYPES)
@@ -129,7 +141,7 @@ def gemv(
         return out
     if k == 0:
         return out.copy_(bias.expand(out_shape)) if bias is not None else out.zero_()
-    block_n, block_k = gemv_tiles(n, k, is_interpreted(_gemv_kernel))
+    block_n, block_k, num_warps = config or default_gemv_config(n, k, is_interpreted(_gemv_kernel))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x_row,
         weight,
@@ -142,7 +154,7 @@ def gemv(
         EVEN_K=k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=1 if is_interpreted(_gemv_kernel) else 4,
+        num_warps=num_warps,
         **pdl_args(_gemv_kernel, device),
     )
     return out
@@ -153,9 +165,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through :func:`gemv` when ``x`` is one row (a batch-1 decode step,
-    or the LM head over one sequence's last token)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+) -> torch.Tensor:
+    """``F.linear``, through :func:`gemv` (with ``config``, if given) when ``x`` is one row
+    (a batch-1 decode step, or the LM head over one sequence's last token)."""
     if x.numel() == x.shape[-1] and x.numel() > 0:
-        return gemv(x, weight, bias)
+        return gemv(x, weight, bias, config=config)
     return F.linear(x, weight, bias)

@@ -10,6 +10,10 @@ first half of a head pairs with dimension ``i + D/2``, and with angle
 ``cos`` and ``sin`` are caches of shape ``(max_position, D/2)`` indexed by each
 token's position (see :func:`build_cos_sin_cache`); the model owns frequency
 scaling (e.g. Llama 3.1's) by choosing ``inv_freq``.
+
+Given a paged KV cache and slots, the same launch also writes each token's
+rotated keys and its values into the cache (what ``kernels.reshape_and_cache``
+does on its own), so a decode step spends one kernel per layer on both.
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels import (
     FLOAT_DTYPES,
+    FP8_MAX,
     INDEX_DTYPES,
+    KV_FP8,
     check_devices,
     check_dtype,
+    check_kv_cache_dtype,
     check_last_dim_contiguous,
     check_same_dtype,
     check_shape,
     is_interpreted,
+    kv_cache_arg,
     pdl_args,
 )
+from kernels.reshape_and_cache import _to_e4m3_bytes
 
 
 @triton.jit
@@ -43,6 +52,8 @@ def _rotate_heads(  # type: ignore[no-untyped-def]
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
+    """Rotate ``num_heads`` heads in place; return both rotated halves as stored
+    (rounded to the tensor's dtype), each (BLOCK_H, BLOCK_HALF)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_j = tl.arange(0, BLOCK_HALF)
     mask = (offs_h < num_heads)[:, None] & (offs_j < half)[None, :]
@@ -50,8 +61,19 @@ def _rotate_heads(  # type: ignore[no-untyped-def]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
     out_ty = base_ptr.dtype.element_ty
-    tl.store(first, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
-    tl.store(first + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+    out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty)
+    out2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty)
+    tl.store(first, out1, mask=mask)
+    tl.store(first + half, out2, mask=mask)
+    return out1, out2
+
+
+@triton.jit
+def _to_cache(x, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``x`` as the cache stores it: FP8 bytes, or unchanged."""
+    if KV_FP8:
+        return _to_e4m3_bytes(x, FP8_MAX)
+    return x
 
 
 @triton.jit
@@ -61,18 +83,31 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
     positions_ptr,
     cos_ptr,
     sin_ptr,
+    v_ptr,  # the rest only with WRITE_CACHE
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
     stride_cos,
     stride_sin,
+    stride_vt,
+    stride_vh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    block_size,
     num_q_heads,
     num_k_heads,
     half,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,  # also write the rotated keys and the values into the cache
+    KV_FP8: tl.constexpr,  # the cache holds FP8 (e4m3) bytes
+    FP8_MAX: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
     # One program rotates every query and key head of one token, so the token's
@@ -89,9 +124,23 @@ def _rotary_kernel(  # type: ignore[no-untyped-def]
     _rotate_heads(
         q_ptr + token * stride_qt, stride_qh, num_q_heads, half, cos, sin, BLOCK_HQ, BLOCK_HALF
     )
-    _rotate_heads(
+    k1, k2 = _rotate_heads(
         k_ptr + token * stride_kt, stride_kh, num_k_heads, half, cos, sin, BLOCK_HK, BLOCK_HALF
     )
+    if WRITE_CACHE:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:  # -1: a padding token, nothing to write
+            offs_h = tl.arange(0, BLOCK_HK)
+            mask = (offs_h < num_k_heads)[:, None] & mask_j[None, :]
+            row = (slot // block_size) * stride_cache_block + (slot % block_size) * stride_cache_slot
+            dst = row + offs_h[:, None] * stride_cache_head + offs_j[None, :]  # (BLOCK_HK, BLOCK_HALF)
+            tl.store(k_cache_ptr + dst, _to_cache(k1, KV_FP8, FP8_MAX), mask=mask)
+            tl.store(k_cache_ptr + dst + half, _to_cache(k2, KV_FP8, FP8_MAX), mask=mask)
+            src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_j[None, :]
+            v1 = tl.load(src, mask=mask, other=0.0)
+            v2 = tl.load(src + half, mask=mask, other=0.0)
+            tl.store(v_cache_ptr + dst, _to_cache(v1, KV_FP8, FP8_MAX), mask=mask)
+            tl.store(v_cache_ptr + dst + half, _to_cache(v2, KV_FP8, FP8_MAX), mask=mask)
 
 
 def apply_rotary(
@@ -100,12 +149,18 @@ def apply_rotary(
     positions: torch.Tensor,  # (T,) int64 or int32
     cos: torch.Tensor,  # (max_position, D/2)
     sin: torch.Tensor,  # (max_position, D/2)
+    v: torch.Tensor | None = None,  # (T, KVH, D)
+    kv_cache: torch.Tensor | None = None,  # (2, num_blocks, block_size, KVH, D)
+    slot_mapping: torch.Tensor | None = None,  # (T,) int64 (int32 accepted), -1 = skip
 ) -> None:
-    """Rotate ``q`` and ``k`` in place by each token's position.
+    """Rotate ``q`` and ``k`` in place by each token's position; with ``v``,
+    ``kv_cache`` and ``slot_mapping``, also write the rotated keys and the values
+    into the cache, as ``kernels.reshape_and_cache`` would after the rotation.
 
-    ``q`` and ``k`` may be strided views (e.g. slices of a fused qkv output) as
-    long as each head's ``D`` elements are contiguous. Positions must be below
-    ``max_position``; checking that would need a device sync.
+    ``q``, ``k`` and ``v`` may be strided views (e.g. slices of a fused qkv output)
+    as long as each head's ``D`` elements are contiguous. Positions must be below
+    ``max_position``; checking that would need a device sync. Slots must be distinct
+    (apart from -1) and inside the cache.
     """
     check_shape("q", q, (None, None, None))
     num_tokens, num_q_heads, head_dim = q.shape
@@ -124,9 +179,28 @@ def apply_rotary(
     for name, tensor in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_last_dim_contiguous(name, tensor)
     device = check_devices(_rotary_kernel, q=q, k=k, positions=positions, cos=cos, sin=sin)
+    num_k_heads = k.shape[1]
+    write_cache = kv_cache is not None
+    if write_cache != (v is not None) or write_cache != (slot_mapping is not None):
+        raise ValueError("v, kv_cache and slot_mapping go together: pass all three or none")
+    if v is not None and kv_cache is not None and slot_mapping is not None:
+        check_shape("v", v, (num_tokens, num_k_heads, head_dim))
+        check_same_dtype(k=k, v=v)
+        check_shape("kv_cache", kv_cache, (2, None, None, num_k_heads, head_dim))
+        check_kv_cache_dtype(kv_cache, k.dtype)
+        check_shape("slot_mapping", slot_mapping, (num_tokens,))
+        check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
+        check_last_dim_contiguous("v", v)
+        check_last_dim_contiguous("kv_cache", kv_cache)
+        check_devices(_rotary_kernel, q=q, v=v, kv_cache=kv_cache, slot_mapping=slot_mapping)
+        k_cache, v_cache = kv_cache_arg(kv_cache)
+        v_arg, slots = v, slot_mapping
+    else:
+        # Never read without WRITE_CACHE; any tensors will do.
+        k_cache = v_cache = v_arg = k
+        slots = positions
     if num_tokens == 0:
         return
-    num_k_heads = k.shape[1]
     block_hq = triton.next_power_of_2(num_q_heads)
     block_half = triton.next_power_of_2(half)
     # About 16 elements of the query tile per thread when compiled.
@@ -137,18 +211,31 @@ def apply_rotary(
         positions,
         cos,
         sin,
+        v_arg,
+        k_cache,
+        v_cache,
+        slots,
         q.stride(0),
         q.stride(1),
         k.stride(0),
         k.stride(1),
         cos.stride(0),
         sin.stride(0),
+        v_arg.stride(0),
+        v_arg.stride(1),
+        k_cache.stride(0) if write_cache else 0,
+        k_cache.stride(1) if write_cache else 0,
+        k_cache.stride(2) if write_cache else 0,
+        kv_cache.shape[2] if kv_cache is not None else 1,
         num_q_heads,
         num_k_heads,
         half,
         BLOCK_HQ=block_hq,
         BLOCK_HK=triton.next_power_of_2(num_k_heads),
         BLOCK_HALF=block_half,
+        WRITE_CACHE=write_cache,
+        KV_FP8=kv_cache is not None and kv_cache.dtype == KV_FP8,
+        FP8_MAX=FP8_MAX,
         num_warps=num_warps,
         **pdl_args(_rotary_kernel, device),
     )

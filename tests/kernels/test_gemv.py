@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.gemv import gemv, gemv_ref, gemv_tiles, linear
+from kernels.gemv import GemvConfig, default_gemv_config, gemv, gemv_ref, linear
 
 # fp32: summation order only; 16-bit: the single rounding of the output.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -79,11 +79,17 @@ def test_bad_arguments(device):
         gemv(x.to(torch.int32), weight)
 
 
-def test_tiles():
-    assert gemv_tiles(4096, 4096) == (4, 1024)
-    assert gemv_tiles(2048, 8192) == (2, 1024)
-    assert gemv_tiles(128256, 100) == (4, 128)
-    assert gemv_tiles(4096, 4096, interpreted=True) == (2, 64)
+def test_default_configs():
+    assert default_gemv_config(4096, 4096) == GemvConfig(2, 2048, 4)
+    assert default_gemv_config(2048, 14336) == GemvConfig(2, 2048, 4)
+    assert default_gemv_config(128256, 100) == GemvConfig(2, 128, 4)
+    assert default_gemv_config(4096, 4096, interpreted=True) == GemvConfig(2, 64, 1)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(1, 32, 1), GemvConfig(4, 16, 1), GemvConfig(8, 128, 1)])
+def test_any_config_matches_the_reference(assert_close, device, config):
+    x, weight, bias = _inputs(13, 100, torch.float32, device, 6, bias=True)
+    assert_close(linear(x, weight, bias, config=config), gemv_ref(x, weight, bias), 1e-5)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 
 
@@ -79,3 +80,54 @@ def test_gpu_real_shapes(assert_close, dtype, num_heads, num_kv_heads, head_dim,
     apply_rotary(q, k, positions, cos, sin)
     assert_close(q, ref_q, 1e-2)
     assert_close(k, ref_k, 1e-2)
+
+
+def _cache_case(num_tokens, num_kv_heads, head_dim, block_size, num_blocks, cache_dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn((2, num_blocks, block_size, num_kv_heads, head_dim), generator=gen).to(cache_dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[torch.randperm(num_tokens, generator=gen)[:2]] = -1  # padding tokens: nothing written
+    return cache.to(device), slots.to(device)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 16), (3, 3, 24)])
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)],
+)
+def test_writing_the_cache_equals_rotary_then_reshape_and_cache(
+    assert_close, device, seed, num_heads, num_kv_heads, head_dim, dtype, cache_dtype
+):
+    qkv, q, k, positions, cos, sin = _inputs(9, num_heads, num_kv_heads, head_dim, 64, dtype, device, seed)
+    v = qkv[:, num_heads + num_kv_heads :]
+    cache, slots = _cache_case(9, num_kv_heads, head_dim, 4, 6, cache_dtype, device, seed)
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, cos, sin)
+    # The two-kernel path on copies.
+    qkv_2, expected_cache = qkv.clone(), cache.clone()
+    q_2, k_2 = qkv_2[:, :num_heads], qkv_2[:, num_heads : num_heads + num_kv_heads]
+    v_2 = qkv_2[:, num_heads + num_kv_heads :]
+    apply_rotary(q_2, k_2, positions, cos, sin)
+    reshape_and_cache(k_2, v_2, expected_cache, slots)
+
+    apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache, slot_mapping=slots)
+    assert torch.equal(qkv, qkv_2)
+    assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
+    # And against the torch references (fp32 rotation, then the cache's rounding).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(q, ref_q, tol)
+    reference_cache = cache.clone()
+    reshape_and_cache_ref(ref_k, v, reference_cache, slots)
+    assert_close(cache.float(), reference_cache.float(), 7e-2 if cache_dtype == torch.float8_e4m3fn else tol)
+
+
+def test_cache_arguments_go_together(device):
+    qkv, q, k, positions, cos, sin = _inputs(3, 2, 1, 16, 16, torch.float32, device, 5)
+    cache, slots = _cache_case(3, 1, 16, 4, 2, torch.float32, device, 5)
+    v = qkv[:, 3:]
+    with pytest.raises(ValueError, match="go together"):
+        apply_rotary(q, k, positions, cos, sin, kv_cache=cache, slot_mapping=slots)
+    with pytest.raises(ValueError, match="kv_cache has shape"):
+        apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache[:, :, :, :, :8], slot_mapping=slots)
+    with pytest.raises(ValueError, match="slot_mapping has shape"):
+        apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache, slot_mapping=slots[:2])

@@ -10,6 +10,7 @@ import torch
 from kernels.gemv import linear as gemv_linear
 from worker.attention.base import AttentionMetadata
 from worker.attention.torch_backend import TorchAttentionBackend
+from worker.attention.triton_backend import TritonAttentionBackend
 from worker.loader.dummy import fill_dummy_weights
 from worker.model_config import ModelConfig
 from worker.models.llama import TORCH_OPS, TRITON_OPS, allocate_kv_caches, build_model
@@ -69,15 +70,18 @@ def _metadata(query_lens: list[int], prefix_lens: list[int]) -> tuple[AttentionM
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0")  # the Triton interpreter's
+@pytest.mark.parametrize("backend", [TorchAttentionBackend, TritonAttentionBackend])
 @torch.inference_mode()
-def test_triton_ops_match_torch_ops_for_one_row_and_several():
+def test_triton_ops_match_torch_ops_for_one_row_and_several(backend):
+    """Also the KV cache: the Triton rotary layer writes it (rotated keys, values) in its
+    own launch and tells the attention backend, whichever it is, not to."""
     reference = build_model(CONFIG, TorchAttentionBackend, dtype=torch.float32, device=DEVICE, ops=TORCH_OPS)
     fill_dummy_weights(reference, seed=3)
     gen = torch.Generator(device=DEVICE).manual_seed(4)
     for name, param in reference.named_parameters():
         if name.endswith("qkv_proj.bias"):
             param.normal_(generator=gen)  # dummy biases are zeros; random ones check that the kernel adds them
-    model = build_model(CONFIG, TorchAttentionBackend, dtype=torch.float32, device=DEVICE, ops=TRITON_OPS)
+    model = build_model(CONFIG, backend, dtype=torch.float32, device=DEVICE, ops=TRITON_OPS)
     model.load_state_dict(reference.state_dict())
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * CONFIG.num_layers + 1
@@ -98,3 +102,5 @@ def test_triton_ops_match_torch_ops_for_one_row_and_several():
             out[name] = net.compute_logits(hidden)
         assert out["ours"].shape == (sum(query_lens), CONFIG.vocab_size)
         torch.testing.assert_close(out["ours"], out["reference"], rtol=1e-4, atol=1e-4)
+        for our_cache, reference_cache in zip(caches["ours"], caches["reference"], strict=True):
+            torch.testing.assert_close(our_cache, reference_cache, rtol=1e-5, atol=1e-5)

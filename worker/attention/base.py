@@ -94,6 +94,8 @@ class AttentionBackend(ABC):
         v: torch.Tensor,  # (T, num_kv_heads, head_dim)
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:  # (T, num_heads, head_dim)
-        """Write k and v into ``kv_cache`` at ``meta.slot_mapping``, then return causal
-        attention of every new token over its sequence's cached context."""
+        """Write k and v into ``kv_cache`` at ``meta.slot_mapping`` (unless ``kv_written``:
+        the caller has, with the rotary embedding), then return causal attention of every
+        new token over its sequence's cached context."""

@@ -163,6 +163,7 @@ class TorchAttentionBackend(AttentionBackend):
         v: torch.Tensor,  # (T, KV, D)
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, KV, D)
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:  # (T, H, D)
         _, num_blocks, block_size, kvh, d = kv_cache.shape
         t = q.shape[0]
@@ -176,12 +177,11 @@ class TorchAttentionBackend(AttentionBackend):
 
         flat_k = key_cache.view(num_blocks * block_size, kvh, d)
         flat_v = value_cache.view(num_blocks * block_size, kvh, d)
-        if plan.write_rows is None:
+        if not kv_written:
+            if plan.write_rows is not None:
+                k, v = k[plan.write_rows], v[plan.write_rows]
             flat_k.index_copy_(0, plan.write_slots, k)
             flat_v.index_copy_(0, plan.write_slots, v)
-        else:
-            flat_k.index_copy_(0, plan.write_slots, k[plan.write_rows])
-            flat_v.index_copy_(0, plan.write_slots, v[plan.write_rows])
 
         if plan.decode_blocks is not None and plan.decode_rows is None:  # pure decode batch
             return self._decode(q, key_cache, value_cache, plan)

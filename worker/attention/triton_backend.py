@@ -92,6 +92,7 @@ class TritonAttentionBackend(AttentionBackend):
         v: torch.Tensor,  # (T, num_kv_heads, head_dim)
         kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:  # (T, num_heads, head_dim)
         num_tokens = q.shape[0]
         expected = (num_tokens, self.num_heads, self.head_dim)
@@ -101,7 +102,8 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(
                 f"k has shape {tuple(k.shape)}, expected (T, {self.num_kv_heads}, {self.head_dim})"
             )
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        if not kv_written:
+            reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
         if meta.static is not None:
             return self._forward_static(q, kv_cache, meta, meta.static)
 

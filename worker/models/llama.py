@@ -112,6 +112,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin)
 
 
+@dataclass(frozen=True)
+class CacheWrite:
+    """Where a rotary layer that can (``Rotary.writes_kv_cache``) puts the rotated keys and
+    the values: this layer's cache, at the step's slots."""
+
+    v: torch.Tensor  # (T, KV, D)
+    kv_cache: torch.Tensor  # (2, num_blocks, block_size, KV, D)
+    slot_mapping: torch.Tensor  # (T,)
+
+
 class Rotary(nn.Module):
     """Rotary embedding of queries and keys in torch ops.
 
@@ -119,6 +129,10 @@ class Rotary(nn.Module):
     ``step_inputs`` (on the model's one instance); every attention layer then
     calls its own instance with the result.
     """
+
+    # Whether ``forward`` also writes the keys and values into the KV cache when given a
+    # ``CacheWrite`` (the attention backend is then told not to).
+    writes_kv_cache = False
 
     def step_inputs(
         self,
@@ -132,9 +146,13 @@ class Rotary(nn.Module):
         sin = sin_table[positions]
         return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
-    def forward(self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...], cache: CacheWrite | None = None
+    ) -> torch.Tensor:
         """``qk`` (T, H + KV, D), the ``num_q_heads`` query heads followed by the key
         heads, rotated (a new tensor here; subclasses may rotate in place)."""
+        if cache is not None:
+            raise ValueError(f"{type(self).__name__} does not write the KV cache")
         cos, sin = step
         # Queries and keys get the same rotation, so one call covers both.
         return apply_rotary(qk, cos, sin)
@@ -142,7 +160,11 @@ class Rotary(nn.Module):
 
 class TritonRotary(Rotary):
     """:class:`Rotary` through ``kernels.rotary``: one in-place kernel per layer that
-    reads each token's cos/sin row straight from the tables."""
+    reads each token's cos/sin row straight from the tables and, given a
+    :class:`CacheWrite`, writes the rotated keys and the values into the KV cache in
+    the same launch."""
+
+    writes_kv_cache = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,9 +178,23 @@ class TritonRotary(Rotary):
     ) -> tuple[torch.Tensor, ...]:
         return positions, cos_table, sin_table
 
-    def forward(self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        self, qk: torch.Tensor, num_q_heads: int, step: tuple[torch.Tensor, ...], cache: CacheWrite | None = None
+    ) -> torch.Tensor:
         positions, cos_table, sin_table = step
-        self._rotate_in_place(qk[:, :num_q_heads], qk[:, num_q_heads:], positions, cos_table, sin_table)
+        if cache is None:
+            self._rotate_in_place(qk[:, :num_q_heads], qk[:, num_q_heads:], positions, cos_table, sin_table)
+        else:
+            self._rotate_in_place(
+                qk[:, :num_q_heads],
+                qk[:, num_q_heads:],
+                positions,
+                cos_table,
+                sin_table,
+                v=cache.v,
+                kv_cache=cache.kv_cache,
+                slot_mapping=cache.slot_mapping,
+            )
         return qk
 
 
@@ -252,8 +288,13 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         h, kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.head_dim)  # (T, H + 2 KV, D)
-        qk = self.rotary(qkv[:, : h + kv], h, rope)  # (T, H + KV, D): q and k are adjacent heads of qkv
-        out = self.attn.forward(qk[:, :h], qk[:, h:], qkv[:, h + kv :], kv_cache, meta)  # (T, H, D)
+        v = qkv[:, h + kv :]
+        # q and k are adjacent heads of qkv: one call rotates both, and where the rotary layer
+        # can, writes k and v into the cache too (one kernel instead of two).
+        fused = self.rotary.writes_kv_cache
+        cache = CacheWrite(v, kv_cache, meta.slot_mapping) if fused else None
+        qk = self.rotary(qkv[:, : h + kv], h, rope, cache)  # (T, H + KV, D)
+        out = self.attn.forward(qk[:, :h], qk[:, h:], v, kv_cache, meta, kv_written=fused)  # (T, H, D)
         return self.o_proj(out.reshape(t, h * self.head_dim))
 
 
