@@ -141,9 +141,12 @@ class Gateway:
         defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
         limiter: RateLimiter
         if c.redis_url:
-            limiter = RedisRateLimiter(c.redis_url, defaults,
-                                       requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
-                                       tokens_on_failure=c.rate_limit_tokens_on_failure)  # type: ignore[arg-type]
+            redis_limiter = RedisRateLimiter(
+                c.redis_url, defaults,
+                requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
+                tokens_on_failure=c.rate_limit_tokens_on_failure)  # type: ignore[arg-type]
+            await redis_limiter.prepare()
+            limiter = redis_limiter
         else:
             limiter = LocalRateLimiter(defaults)
         cache = None

@@ -27,7 +27,9 @@ When Redis is down or slower than ``timeout_s`` each limit follows its policy:
 ``"open"`` admits unchecked (counted in ``stats``), ``"closed"`` answers 503
 with Retry-After. A circuit breaker then leaves Redis alone for a back-off
 (doubling, capped) and logs once per back-off, so an outage costs one timeout
-per back-off, not one per request.
+per back-off, not one per request. ``prepare`` (the gateway calls it at start-up)
+connects and loads the script with a longer timeout, so that the first request's
+``timeout_s`` covers one round trip, not a connection and a script upload too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 PERIOD_S = 60.0
 DEFAULT_KEY_PREFIX = "loomserve:rl:"
+# How long ``RedisRateLimiter.prepare`` waits for Redis at start-up.
+PREPARE_TIMEOUT_S = 5.0
 
 Dimension = Literal["requests", "tokens"]
 FailMode = Literal["open", "closed"]
@@ -478,6 +482,16 @@ class RedisRateLimiter(RateLimiter):
         self.breaker = CircuitBreaker(
             f"rate-limit Redis (requests fail {requests_on_failure}, tokens fail {tokens_on_failure})",
             base_backoff_s, max_backoff_s)
+
+    async def prepare(self, timeout_s: float = PREPARE_TIMEOUT_S) -> None:
+        """Open a connection and load the script. A Redis that cannot be reached now only
+        logs: requests then meet the usual failure policy until it can."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._redis.script_load(GCRA_LUA)
+        except (RedisError, OSError, TimeoutError) as e:
+            log.warning("rate-limit Redis not ready at start-up (%s: %s); requests fail %s, tokens fail %s "
+                        "until it is", type(e).__name__, e, self.on_failure["requests"], self.on_failure["tokens"])
 
     async def _eval(self, mode: str, buckets: Sequence[Bucket], args: list[str]) -> list[int]:
         if not self.breaker.allow():

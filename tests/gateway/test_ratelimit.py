@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -524,3 +525,42 @@ def test_redis_server_helper_restarts_on_the_same_port(own_redis: RedisServer) -
     own_redis.start()
     assert client.ping() and client.get("k") is None
     client.close()
+
+
+def test_prepare_connects_and_loads_the_script(own_redis: RedisServer) -> None:
+    """At start-up, so that the first request's short timeout covers one round trip."""
+    sha = hashlib.sha1(GCRA_LUA.encode()).hexdigest()
+    probe = redis.Redis.from_url(own_redis.url)
+    assert probe.script_exists(sha) == [False]
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix())
+        try:
+            await limiter.prepare()
+            assert probe.script_exists(sha) == [True]
+            assert (await limiter.admit(principal(), 1)).checked
+            assert limiter.stats.store_failures == 0
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(run())
+    probe.close()
+
+
+def test_prepare_without_redis_only_logs(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    own_redis.stop()
+
+    async def run() -> None:
+        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix(),
+                                   requests_on_failure="closed")
+        try:
+            await limiter.prepare(timeout_s=1.0)
+            assert any("not ready at start-up" in r.getMessage() and "requests fail closed" in r.getMessage()
+                       for r in caplog.records)
+            with pytest.raises(APIError):  # then each request meets its failure policy, as always
+                await limiter.admit(principal(), 1)
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(run())
