@@ -1,7 +1,8 @@
 """Paged attention on the GPU through the Triton kernels in ``kernels/``.
 
-Each forward writes the new keys and values into the cache, then runs one of two
-kernels over the whole batch:
+Each forward writes the new keys and values into the cache (unless the caller
+already has: the model's Triton rotary kernel does, and passes ``kv_written``),
+then runs one of two kernels over the whole batch:
 
 * a pure-decode batch (every sequence has exactly one new token) goes to the
   flash-decoding kernel, which splits long contexts across programs so a small
