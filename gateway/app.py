@@ -115,6 +115,20 @@ def _sse(payload: dict[str, Any]) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+def build_limiter(config: GatewayConfig) -> RateLimiter:
+    """The gateway's rate limiter: in Redis (shared by replicas) when ``config.redis_url`` is
+    set, else in this process's memory."""
+    c = config
+    defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
+    if not c.redis_url:
+        return LocalRateLimiter(defaults)
+    return RedisRateLimiter(
+        c.redis_url, defaults,
+        requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
+        tokens_on_failure=c.rate_limit_tokens_on_failure,  # type: ignore[arg-type]
+        timeout_s=c.rate_limit_timeout_ms / 1000.0)
+
+
 @dataclass
 class Services:
     """What the gateway talks to besides the engine; built inside the event loop
@@ -138,17 +152,9 @@ class Gateway:
 
     async def start(self) -> None:
         c = self.config
-        defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
-        limiter: RateLimiter
-        if c.redis_url:
-            redis_limiter = RedisRateLimiter(
-                c.redis_url, defaults,
-                requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
-                tokens_on_failure=c.rate_limit_tokens_on_failure)  # type: ignore[arg-type]
-            await redis_limiter.prepare()
-            limiter = redis_limiter
-        else:
-            limiter = LocalRateLimiter(defaults)
+        limiter = build_limiter(c)
+        if isinstance(limiter, RedisRateLimiter):
+            await limiter.prepare()
         cache = None
         if c.response_cache:
             cache = ResponseCache(c.redis_url, ttl_s=c.response_cache_ttl_s,

@@ -471,6 +471,8 @@ class RedisRateLimiter(RateLimiter):
                  timeout_s: float = 0.05, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
                  key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] | None = None) -> None:
         """``clock`` (seconds) replaces Redis TIME, for tests only: replicas would disagree."""
+        if not timeout_s > 0:
+            raise ValueError(f"the rate-limit Redis timeout must be positive, got {timeout_s * 1000:g} ms")
         super().__init__(default_limits, tenant_limits, requests_on_failure=requests_on_failure,
                          tokens_on_failure=tokens_on_failure, key_prefix=key_prefix)
         self.timeout_s = timeout_s

@@ -100,6 +100,8 @@ class GatewayConfig:
                                                choices=("open", "closed"))
     rate_limit_tokens_on_failure: str = _opt("open", "tokens limit when Redis is down: admit or refuse (503)",
                                              choices=("open", "closed"))
+    rate_limit_timeout_ms: float = _opt(50.0, "how long a rate-limit check waits for Redis before that limit's "
+                                        "on-failure policy applies (and Redis is left alone for a back-off)")
     response_cache: bool = _opt(True, "replay answers of deterministic requests (temperature 0 or a seed)")
     response_cache_ttl_s: float = _opt(3600.0, "lifetime of a cached answer")
     response_cache_max_entry_bytes: int = _opt(1 << 20, "larger answers are not cached")

@@ -51,9 +51,12 @@ def secure(tmp_path_factory: pytest.TempPathFactory, otlp: OTLPReceiver,
         {"tenant": TENANT_LIMITED, "name": "limited", "sha256": DIGEST_LIMITED,
          "limits": {"requests_per_minute": 2, "request_burst": 2}},
     ]}))
+    # A generous Redis budget: on a loaded 2-core host a round trip can pass the default 50 ms, and
+    # this stack is about the limits, not about a slow Redis (tests/gateway/test_ratelimit.py is).
     server = ServeStack("--kv-cache-gb", "0.25", "--keys-file", str(keys), "--redis-url", "redis://127.0.0.1:6379/0",
-                        "--otlp-endpoint", otlp.endpoint, "--price-per-1m-input-usd", "1",
-                        "--price-per-1m-output-usd", "2", log_path=folder / "serve.log")
+                        "--rate-limit-timeout-ms", "2000", "--otlp-endpoint", otlp.endpoint,
+                        "--price-per-1m-input-usd", "1", "--price-per-1m-output-usd", "2",
+                        log_path=folder / "serve.log")
     try:
         server.wait_ready()
         yield server

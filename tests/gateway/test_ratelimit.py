@@ -19,6 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from gateway.app import build_limiter
 from gateway.auth import Principal
 from gateway.protocol import APIError
 from gateway.ratelimit import (
@@ -35,6 +36,7 @@ from gateway.ratelimit import (
     gcra_refund,
     gcra_take,
 )
+from shared.config import GatewayConfig
 from tests.redis_server import RedisServer
 
 BASE_S = 1_700_000_000.0  # a fixed "now" for clock-driven tests; exact in microseconds as a double
@@ -564,3 +566,17 @@ def test_prepare_without_redis_only_logs(own_redis: RedisServer, caplog: pytest.
             await limiter.aclose()
 
     asyncio.run(run())
+
+
+def test_gateway_builds_its_limiter_from_the_config(redis_server: RedisServer) -> None:
+    """--rate-limit-timeout-ms reaches the Redis limiter; without Redis the limits live in memory."""
+    redis_url = redis_server.url
+    limiter = build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_rpm=5, rate_limit_timeout_ms=250,
+                                          rate_limit_tokens_on_failure="closed"))
+    assert isinstance(limiter, RedisRateLimiter)
+    assert limiter.timeout_s == 0.25 and limiter.on_failure == {"requests": "open", "tokens": "closed"}
+    assert limiter.default_limits.requests_per_minute == 5
+    asyncio.run(limiter.aclose())
+    assert isinstance(build_limiter(GatewayConfig(rate_limit_rpm=5)), LocalRateLimiter)
+    with pytest.raises(ValueError, match="must be positive, got 0 ms"):
+        build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_timeout_ms=0))
