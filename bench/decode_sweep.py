@@ -9,7 +9,8 @@ of the largest reference value) and then timed (median of ``triton.testing.do_be
 launcher's own configuration is then timed again at 2 and 4 times its split count. Each time
 is also given as the bandwidth it implies: the bytes of the KV cache the step must read, over the
 time, against a device-to-device copy measured in the same run. A configuration that does not
-compile or is wrong is recorded as such.
+compile or is wrong is recorded as such. ``--configs 64x4x2 128x4x3`` (keys per tile x warps x
+stages) times those instead of the whole grid.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ CASES = ((256, 800), (256, 2048), (64, 4096), (16, 8192), (1, 8192))
 GRID = tuple(DecodeConfig(n, w, s) for n, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": KV_FP8}
 SPLIT_FACTORS = (2, 4)
+
+
+def parse_config(text: str) -> DecodeConfig:
+    """``NxWxS``: keys per tile, warps, pipeline stages."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(n.isdigit() for n in parts):
+        raise argparse.ArgumentTypeError(f"expected NxWxS, got {text!r}")
+    block_n, num_warps, num_stages = (int(n) for n in parts)
+    return DecodeConfig(block_n, num_warps, num_stages)
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES], choices=[s.name for s in SHAPES])
     parser.add_argument("--caches", nargs="+", default=list(CACHE_DTYPES), choices=list(CACHE_DTYPES))
+    parser.add_argument("--configs", nargs="+", type=parse_config, default=list(GRID), metavar="NxWxS",
+                        help="configurations to time besides the launcher's (default: the whole grid)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in (s for s in SHAPES if s.name in args.shapes):
         for cache, case in itertools.product(args.caches, CASES):
-            rows.append(sweep_case(shape, cache, case, copy_bw))
+            rows.append(sweep_case(shape, cache, case, copy_bw, tuple(args.configs)))
             r = rows[-1]
             print(f"{shape.name} {cache} {case}: default {_config_text(r['default'])} {r['default'].get('us')} us, "
                   f"best {_config_text(r['best'])} {r['best']['us']:.1f} us", flush=True)

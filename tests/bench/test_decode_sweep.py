@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
-from bench.decode_sweep import copy_bandwidth, sweep_case
+from bench.decode_sweep import copy_bandwidth, parse_config, sweep_case
 from bench.kernels import LLAMA_3_1_8B
 from kernels.paged_decode_attention import DecodeConfig
 
@@ -21,3 +23,11 @@ def test_sweep_case_times_the_default_the_grid_and_more_splits(cache: str) -> No
     assert result["best"]["us"] <= result["default"]["us"]
     assert all(c["status"] in ("ok", "failed") for c in result["configs"])
     assert 0.0 < result["default"]["bandwidth_fraction"] < 1.5
+
+
+def test_parse_config() -> None:
+    assert parse_config("64x4x2") == DecodeConfig(64, 4, 2)
+    assert parse_config("128X8X3") == DecodeConfig(128, 8, 3)
+    for bad in ("64x4", "64x4x2x1", "ax4x2", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_config(bad)
