@@ -71,9 +71,9 @@ def _rotate_heads(  # type: ignore[no-untyped-def]
 @triton.jit
 def _to_cache(x, KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr):  # type: ignore[no-untyped-def]
     """``x`` as the cache stores it: FP8 bytes, or unchanged."""
-    if KV_FP8:
-        return _to_e4m3_bytes(x, FP8_MAX)
-    return x
+    # One return statement: the compiler checks every return's type, even one after a constexpr
+    # branch that returned (the interpreter does not), and a constexpr ternary compiles one side.
+    return _to_e4m3_bytes(x, FP8_MAX) if KV_FP8 else x
 
 
 @triton.jit

@@ -131,3 +131,22 @@ def test_cache_arguments_go_together(device):
         apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache[:, :, :, :, :8], slot_mapping=slots)
     with pytest.raises(ValueError, match="slot_mapping has shape"):
         apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache, slot_mapping=slots[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (32, 8, 64)])
+def test_gpu_fused_cache_write_real_shapes(device, cache_dtype, num_heads, num_kv_heads, head_dim):
+    """The fused write compiled for the GPU at the model shapes, both cache dtypes: the same
+    bytes as rotary then reshape_and_cache (compiling is what the interpreter cannot check)."""
+    qkv, q, k, positions, cos, sin = _inputs(256, num_heads, num_kv_heads, head_dim, 8192, torch.bfloat16,
+                                             device, 3)
+    v = qkv[:, num_heads + num_kv_heads :]
+    cache, slots = _cache_case(256, num_kv_heads, head_dim, 16, 64, cache_dtype, device, 3)
+    qkv_2, expected_cache = qkv.clone(), cache.clone()
+    q_2, k_2 = qkv_2[:, :num_heads], qkv_2[:, num_heads : num_heads + num_kv_heads]
+    apply_rotary(q_2, k_2, positions, cos, sin)
+    reshape_and_cache(k_2, qkv_2[:, num_heads + num_kv_heads :], expected_cache, slots)
+    apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache, slot_mapping=slots)
+    assert torch.equal(qkv, qkv_2)
+    assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
