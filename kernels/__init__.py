@@ -65,6 +65,20 @@ def kv_cache_arg(kv_cache: torch.Tensor) -> torch.Tensor:
     return kv_cache.view(torch.uint8) if kv_cache.dtype == KV_FP8 else kv_cache
 
 
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: cast, or for FP8 its bytes, rounded to nearest, saturated
+    at +-FP8_MAX and with NaN stored as 0, as the kernels' writers store it.
+
+    The clamp is explicit because torch's own cast saturates from torch 2.13 on, but gives NaN
+    past the range in 2.11. NaN is stored as 0 so that every writer (the kernels, their
+    references, the torch backend) stores the same bytes, and an FP8 cache never holds a NaN
+    that a later reader could weight by zero and still get NaN.
+    """
+    if cache_dtype != KV_FP8:
+        return x.to(cache_dtype)
+    return torch.nan_to_num(x, nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(KV_FP8).view(torch.uint8)
+
+
 def is_interpreted(kernel: object) -> bool:
     """Whether ``kernel`` was built by the Triton CPU interpreter (TRITON_INTERPRET=1)."""
     return isinstance(kernel, InterpretedFunction)

@@ -24,17 +24,20 @@ from kernels import (
     check_shape,
     kv_cache_arg,
     pdl_args,
+    to_cache_dtype,
 )
 
 
 @triton.jit
 def _to_e4m3_bytes(x, FP8_MAX: tl.constexpr):  # type: ignore[no-untyped-def]
     """The FP8 (e4m3) bytes of ``x``: rounded to nearest (ties to even), saturated at
-    +-FP8_MAX, as torch's cast does. The rounding is done on the float32 bits (3 of 23
-    mantissa bits kept; multiples of 2**-9 below the smallest normal, 2**-6) so that the
-    final conversion is exact: the Triton interpreter's own cast loses the carry when
-    rounding crosses a power of two (31.0 gives 16.0) and the sign of zero."""
+    +-FP8_MAX, a NaN stored as 0 (``kernels.to_cache_dtype``, the reference). The rounding
+    is done on the float32 bits (3 of 23 mantissa bits kept; multiples of 2**-9 below the
+    smallest normal, 2**-6) so that the final conversion is exact: the Triton interpreter's
+    own cast loses the carry when rounding crosses a power of two (31.0 gives 16.0) and the
+    sign of zero."""
     x = x.to(tl.float32)
+    x = tl.where(x == x, x, 0.0)
     negative = x.to(tl.int32, bitcast=True) < 0
     mag = tl.minimum(tl.abs(x), FP8_MAX)
     bits = mag.to(tl.int32, bitcast=True)
@@ -163,10 +166,3 @@ def reshape_and_cache_ref(
     store[0, blocks, offsets] = to_cache_dtype(key[keep], kv_cache.dtype)
     store[1, blocks, offsets] = to_cache_dtype(value[keep], kv_cache.dtype)
 
-
-def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as the cache stores it: cast, or for FP8 its bytes, saturated at +-FP8_MAX
-    (torch's cast saturates, as the kernel's clamp does)."""
-    if cache_dtype != KV_FP8:
-        return x.to(cache_dtype)
-    return x.to(KV_FP8).view(torch.uint8)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import FP8_MAX, KV_FP8, to_cache_dtype
 from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
 
@@ -90,7 +91,7 @@ def test_gpu_real_shapes(dtype: torch.dtype, num_kv_heads: int, head_dim: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fp8_cache_gets_the_rounded_saturated_bytes(dtype: torch.dtype, device: torch.device):
     """Into an FP8 (e4m3) cache: each value rounded to nearest, and values past +-448
-    saturated, exactly as torch's cast does (the reference)."""
+    saturated, exactly as ``kernels.to_cache_dtype`` (the reference) stores them."""
     key, value, _, slots = _random_case(13, 2, 24, 4, 7, dtype, device, 5, 3)
     key = key * 30  # some past the e4m3 range
     first = int((slots >= 0).nonzero()[0])
@@ -123,5 +124,34 @@ def test_fp8_rounding_equals_torchs_cast_everywhere(device: torch.device):
     tokens = x.shape[0]
     cache = torch.zeros((2, tokens, 1, 1, 16), dtype=torch.float8_e4m3fn, device=device)
     reshape_and_cache(x, -x, cache, torch.arange(tokens, device=device))
-    assert torch.equal(cache[0].view(torch.uint8).flatten(), x.to(torch.float8_e4m3fn).view(torch.uint8).flatten())
-    assert torch.equal(cache[1].view(torch.uint8).flatten(), (-x).to(torch.float8_e4m3fn).view(torch.uint8).flatten())
+    # Past the range, torch's own cast saturates in torch 2.13 but gives NaN in 2.11: the
+    # reference clamps first, then rounds with torch's cast.
+    assert torch.equal(cache[0].view(torch.uint8).flatten(), to_cache_dtype(x, KV_FP8).flatten())
+    assert torch.equal(cache[1].view(torch.uint8).flatten(), to_cache_dtype(-x, KV_FP8).flatten())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_stores_nan_as_zero(dtype: torch.dtype, device: torch.device):
+    """The kernel and the reference store a NaN as +0 in an FP8 cache, never as a NaN byte."""
+    key, value, _, slots = _random_case(6, 2, 16, 4, 3, dtype, device, 4, 0)
+    key, value = key.clone(), value.clone()
+    key[0, 0, :4] = float("nan")
+    value[1, 1, 5:] = float("nan")
+    for write in (reshape_and_cache, reshape_and_cache_ref):
+        cache = torch.full((2, 3, 4, 2, 16), 1.0, dtype=KV_FP8, device=device)
+        write(key, value, cache, slots)
+        raw = cache.view(torch.uint8)
+        assert not cache.float().isnan().any()
+        k0, v1 = int(slots[0]), int(slots[1])
+        assert raw[0, k0 // 4, k0 % 4, 0, :4].eq(0).all()
+        assert raw[1, v1 // 4, v1 % 4, 1, 5:].eq(0).all()
+
+
+def test_to_cache_dtype():
+    x = torch.tensor([1.0, -2.5, 1e4, -1e4, float("inf"), float("nan"), 0.3])
+    # The compute dtype is a plain cast (a NaN stays NaN there).
+    assert torch.allclose(to_cache_dtype(x, torch.bfloat16).float(), x.to(torch.bfloat16).float(), equal_nan=True)
+    fp8 = to_cache_dtype(x, KV_FP8)
+    assert fp8.dtype == torch.uint8
+    assert fp8.view(KV_FP8).float().tolist()[:6] == [1.0, -2.5, FP8_MAX, -FP8_MAX, FP8_MAX, 0.0]
+    assert fp8[5] == 0  # NaN is stored as +0, never as a NaN byte

@@ -150,3 +150,18 @@ def test_gpu_fused_cache_write_real_shapes(device, cache_dtype, num_heads, num_k
     apply_rotary(q, k, positions, cos, sin, v=v, kv_cache=cache, slot_mapping=slots)
     assert torch.equal(qkv, qkv_2)
     assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
+
+
+def test_fused_fp8_write_stores_nan_as_zero(device):
+    """Like reshape_and_cache, the fused write never leaves a NaN byte in an FP8 cache."""
+    qkv, q, k, positions, cos, sin = _inputs(5, 4, 2, 16, 16, torch.float32, device, 6)
+    cache, slots = _cache_case(5, 2, 16, 4, 3, torch.float8_e4m3fn, device, 6)
+    first, second = (int(t) for t in (slots >= 0).nonzero()[:2, 0])
+    qkv[first, 4:6] = float("nan")  # all of one token's keys
+    qkv[second, 6, :3] = float("nan")  # part of another token's first value head
+    apply_rotary(q, k, positions, cos, sin, v=qkv[:, 6:], kv_cache=cache, slot_mapping=slots)
+    assert not cache.float().isnan().any()
+    raw = cache.view(torch.uint8)
+    s1, s2 = int(slots[first]), int(slots[second])
+    assert raw[0, s1 // 4, s1 % 4].eq(0).all()
+    assert raw[1, s2 // 4, s2 % 4, 0, :3].eq(0).all()

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from kernels.reshape_and_cache import reshape_and_cache_ref
 from worker.attention.base import AttentionMetadata
 from worker.attention.torch_backend import TorchAttentionBackend
 
@@ -182,3 +183,24 @@ def test_many_layers_share_a_plan():
     first = backend.forward(q, k, v, kv_cache.clone(), meta)
     second = other.forward(q, k, v, kv_cache.clone(), meta)
     torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_fp8_cache_is_written_like_the_kernels_write_it():
+    """With an FP8 cache the backend stores what ``reshape_and_cache_ref`` stores (rounded,
+    saturated, NaN as 0) and attends over the stored values."""
+    rng = random.Random(5)
+    q, k, v, kv_cache, meta, _ = make_batch(rng, [3, 1], [5, 18], 8, 2, 4)
+    k[0, 1, :2] = float("nan")
+    v[2, 0, 3] = float("nan")
+    v[1, 1, 0] = 1e4  # past the FP8 range: saturated, not NaN
+    cache = kv_cache.to(torch.float8_e4m3fn)
+    expected = cache.clone()
+    reshape_and_cache_ref(k, v, expected, meta.slot_mapping)
+    backend = TorchAttentionBackend(8, 2, HEAD_DIM, HEAD_DIM**-0.5)
+    out = backend.forward(q, k, v, cache, meta)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    assert not cache.float().isnan().any() and out.isfinite().all()
+    # Attention over the stored values: the float32 backend over the cache widened back.
+    widened = cache.float()
+    reference = TorchAttentionBackend(8, 2, HEAD_DIM, HEAD_DIM**-0.5).forward(q, k, v, widened, meta, kv_written=True)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import KV_FP8, to_cache_dtype
 from worker.attention.base import AttentionBackend, AttentionMetadata
 
 
@@ -168,11 +169,11 @@ class TorchAttentionBackend(AttentionBackend):
         _, num_blocks, block_size, kvh, d = kv_cache.shape
         t = q.shape[0]
         plan = self._get_plan(meta, block_size, t, q.dtype)
-        if kv_cache.dtype == torch.float8_e4m3fn:
+        if kv_cache.dtype == KV_FP8:
             # Written and gathered as bytes (torch has no FP8 indexing on the CPU), read back
-            # in the queries' dtype (``_gather``). The cast saturates at +-448.
+            # in the queries' dtype (``_gather``); stored as the kernels store them.
             kv_cache = kv_cache.view(torch.uint8)
-            k, v = k.to(torch.float8_e4m3fn).view(torch.uint8), v.to(torch.float8_e4m3fn).view(torch.uint8)
+            k, v = to_cache_dtype(k, KV_FP8), to_cache_dtype(v, KV_FP8)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # (num_blocks, block_size, KV, D)
 
         flat_k = key_cache.view(num_blocks * block_size, kvh, d)
