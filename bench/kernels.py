@@ -22,7 +22,13 @@ The torch formulations:
 * gemv (one-row projections of a batch-1 decode step, and the LM head over one
   row): ``F.linear``, i.e. cuBLAS.
 
-Times are medians of ``triton.testing.do_bench``, in microseconds.
+Times are in microseconds, two per side. **Eager**: the median of ``triton.testing.do_bench``
+over single calls, launch included, so a kernel of a few microseconds is timed as its Python
+launcher (or torch's dispatcher) plus the GPU's work. **Graph**: the same call captured
+``GRAPH_CALLS`` times back to back in one CUDA graph, the median replay over ``GRAPH_CALLS``;
+this is the GPU's work alone, as in the service's decode and mixed-step graphs (back to back,
+inputs that fit in L2 stay there after the first call). A formulation that cannot be captured
+(it synchronises) has no graph time.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +117,42 @@ PREFILL_CASES = (
 )
 TOKEN_CASES = (1, 256, 4096)
 
-# Runs ``fn`` repeatedly and returns microseconds per call.
-Timer = Callable[[Callable[[], object]], float]
+GRAPH_CALLS = 20
+
+
+class Timing(NamedTuple):
+    """Microseconds per call: launched eagerly, and replayed from a CUDA graph (None if the
+    call cannot be captured)."""
+
+    eager_us: float
+    graph_us: float | None
+
+
+# Runs ``fn`` repeatedly and returns its timing.
+Timer = Callable[[Callable[[], object]], Timing]
 Row = dict[str, object]
 
 
-def cuda_timer(fn: Callable[[], object]) -> float:
-    """Median time of ``fn`` on the current CUDA device, in microseconds."""
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1000.0
+def graph_us(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> float | None:
+    """Median GPU time per call of ``fn`` replayed from a CUDA graph of ``calls`` calls, in
+    microseconds; None if capturing ``fn`` fails (e.g. it synchronises with the host)."""
+    fn()  # compiled and warmed up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return float(do_bench(graph.replay, warmup=5, rep=100, return_mode="median")) * 1000.0 / calls
+
+
+def cuda_timer(fn: Callable[[], object]) -> Timing:
+    """``fn`` on the current CUDA device: median eager time and graph time, in microseconds."""
+    eager = float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1000.0
+    return Timing(eager, graph_us(fn))
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -306,15 +340,21 @@ def _row(
     torch_fn: Callable[[], object],
     timer: Timer,
 ) -> Row:
-    triton_us = timer(triton_fn)
-    torch_us = timer(torch_fn)
+    triton_t = timer(triton_fn)
+    torch_t = timer(torch_fn)
+    graph_speedup = None
+    if triton_t.graph_us and torch_t.graph_us is not None:
+        graph_speedup = torch_t.graph_us / triton_t.graph_us
     return {
         "kernel": kernel,
         "model": shape.name,
         "params": params,
-        "triton_us": triton_us,
-        "torch_us": torch_us,
-        "speedup": torch_us / triton_us if triton_us > 0 else None,
+        "triton_us": triton_t.eager_us,
+        "torch_us": torch_t.eager_us,
+        "speedup": torch_t.eager_us / triton_t.eager_us if triton_t.eager_us > 0 else None,
+        "triton_graph_us": triton_t.graph_us,
+        "torch_graph_us": torch_t.graph_us,
+        "graph_speedup": graph_speedup,
         "triton_rel_err": triton_err,
         "torch_rel_err": torch_err,
         "ok": triton_err <= REL_TOL and torch_err <= REL_TOL,
@@ -609,22 +649,29 @@ def run_all(
 def format_table(rows: Sequence[Row]) -> str:
     header = (
         f"{'kernel':<20} {'model':<14} {'params':<38} {'triton us':>10} {'torch us':>10} "
-        f"{'speedup':>8} {'err':>9} {'torch err':>9}  ok"
+        f"{'speedup':>8} {'graph tri':>10} {'graph tor':>10} {'speedup':>8} {'err':>9} {'torch err':>9}  ok"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         params = row["params"]
         assert isinstance(params, dict)
         text = " ".join(f"{k}={v}" for k, v in params.items())
-        speedup = row["speedup"]
         lines.append(
             f"{row['kernel']!s:<20} {row['model']!s:<14} {text:<38} "
-            f"{row['triton_us']:>10.1f} {row['torch_us']:>10.1f} "
-            f"{(f'{speedup:.2f}x' if isinstance(speedup, float) else '-'):>8} "
+            f"{_us(row['triton_us'])} {_us(row['torch_us'])} {_times(row['speedup'])} "
+            f"{_us(row['triton_graph_us'])} {_us(row['torch_graph_us'])} {_times(row['graph_speedup'])} "
             f"{row['triton_rel_err']:>9.1e} {row['torch_rel_err']:>9.1e}  "
             f"{'yes' if row['ok'] else 'FAIL'}"
         )
     return "\n".join(lines)
+
+
+def _us(value: object) -> str:
+    return f"{value:>10.1f}" if isinstance(value, float) else f"{'-':>10}"
+
+
+def _times(value: object) -> str:
+    return f"{(f'{value:.2f}x' if isinstance(value, float) else '-'):>8}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,10 +69,11 @@ def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """``x`` as the cache stores it: cast, or for FP8 its bytes, rounded to nearest, saturated
     at +-FP8_MAX and with NaN stored as 0, as the kernels' writers store it.
 
-    The clamp is explicit because torch's own cast saturates from torch 2.13 on, but gives NaN
-    past the range in 2.11. NaN is stored as 0 so that every writer (the kernels, their
-    references, the torch backend) stores the same bytes, and an FP8 cache never holds a NaN
-    that a later reader could weight by zero and still get NaN.
+    The clamp is explicit because torch's own cast past the range differs between versions:
+    torch 2.13's saturates, 2.11's (the GPU image's) gives NaN. NaN is stored as 0 so that
+    every writer (the kernels, their references, the torch backend) stores the same bytes,
+    and an FP8 cache never holds a NaN that a later reader could weight by zero and still get
+    NaN.
     """
     if cache_dtype != KV_FP8:
         return x.to(cache_dtype)
