@@ -754,8 +754,10 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     s = ctx.settings
     run = RowRun()
     begin = time.perf_counter()
+    # As `serve` does: graphs for batches of up to --max-num-seqs sequences.
     worker_config = WorkerConfig(model=ctx.shape, load_format="dummy", device=s.device, max_model_len=s.max_model_len,
-                                 kv_cache_gb=s.kv_cache_gb, seed=s.seed, kv_cache_dtype=s.kv_cache_dtype)
+                                 kv_cache_gb=s.kv_cache_gb, seed=s.seed, kv_cache_dtype=s.kv_cache_dtype,
+                                 cuda_graph_max_seqs=ctx.max_num_seqs)
     if s.cuda_graph_max_tokens is not None:
         worker_config = dataclasses.replace(worker_config, cuda_graph_max_tokens=s.cuda_graph_max_tokens)
     engine = LocalEngine(SchedulerConfig(async_scheduling=s.async_scheduling), worker_config, ctx.shape)

@@ -116,6 +116,20 @@ def _gateway_children(config: GatewayConfig, count: int, metrics_dir: str) -> li
     return [Child(f"gateway-{i}", argv, front=True, env=env) for i in range(1, count + 1)]
 
 
+def serve_configs(ns: argparse.Namespace, runtime: str) -> tuple[SchedulerConfig, WorkerConfig, GatewayConfig]:
+    """The three processes' configurations under ``serve``, joined by ipc sockets in ``runtime``.
+    The worker captures CUDA graphs for batches of up to --max-num-seqs sequences unless told."""
+    gateway_address = f"ipc://{runtime}/gateway.sock"
+    worker_address = f"ipc://{runtime}/worker.sock"
+    scheduler = from_namespace(SchedulerConfig, ns, gateway_address=gateway_address,
+                               worker_address=worker_address)
+    graph_seqs = scheduler.max_num_seqs if ns.cuda_graph_max_seqs is None else ns.cuda_graph_max_seqs
+    worker = from_namespace(WorkerConfig, ns, scheduler_address=worker_address, cuda_graph_max_seqs=graph_seqs)
+    gateway = from_namespace(GatewayConfig, ns, scheduler_address=gateway_address,
+                             reuse_port=ns.gateway_workers > 1)
+    return scheduler, worker, gateway
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from shared.supervisor import Child, Supervisor, config_argv
 
@@ -127,14 +141,8 @@ def _serve(ns: argparse.Namespace) -> int:
         model_path = resolve_model(ns.model)  # download once here, not in two children at a time
         ns.model = str(model_path)
     runtime = tempfile.mkdtemp(prefix="loomserve-")
-    gateway_address = f"ipc://{runtime}/gateway.sock"
-    worker_address = f"ipc://{runtime}/worker.sock"
     metrics_dir = os.path.join(runtime, "metrics")
-    scheduler = from_namespace(SchedulerConfig, ns, gateway_address=gateway_address,
-                               worker_address=worker_address)
-    worker = from_namespace(WorkerConfig, ns, scheduler_address=worker_address)
-    gateway = from_namespace(GatewayConfig, ns, scheduler_address=gateway_address,
-                             reuse_port=ns.gateway_workers > 1)
+    scheduler, worker, gateway = serve_configs(ns, runtime)
     for config in (scheduler, worker, gateway):
         log.info("%s: %s", type(config).__name__, describe(config))
     if ns.gateway_workers > 1:

@@ -67,6 +67,8 @@ class WorkerConfig:
     enforce_eager: bool = _opt(False, "never replay CUDA graphs (debugging, memory)")
     cuda_graph_max_tokens: int = _opt(2048, "largest prefill or mixed step, in tokens, replayed from a CUDA "
                                             "graph (0: only decode steps); larger steps run eagerly")
+    cuda_graph_max_seqs: int | None = _opt(None, "most sequences in a step replayed from a CUDA graph; steps of "
+                                                 "more run eagerly (default: --max-num-seqs under serve, else 256)")
     tp: int = _opt(1, "tensor-parallel size: ranks in the worker group, one process per GPU")
     ranks: str | None = _opt(None, "ranks of the group this command starts (default: all); on several hosts, "
                                    "e.g. 0-3 on one and 4-7 on another")

@@ -29,12 +29,13 @@ A graph replays fixed kernels on fixed addresses, hence:
   the torch backend (which reads the slot mapping on the host) does not, and is
   only run here eagerly (``run_eager``), as the tests do on the CPU.
 
-Prefill and mixed batches replay graphs of ``MixedGraphs``, one per padded
-token count, when they fit its largest bucket (``--cuda-graph-max-tokens``) and
-``MIXED_MAX_SEQS`` sequences. What varies from step to step there beyond the
-token rows (how many of the sequences are decodes, how many query blocks each
-prompt chunk has) goes to the attention backend as a ``StaticLayout`` of
-fixed-size device tensors: the decode kernel runs over a fixed number of
+Decode graphs are captured for batches of up to ``--cuda-graph-max-seqs``
+sequences (``decode_buckets``). Prefill and mixed batches replay graphs of
+``MixedGraphs``, one per padded token count, when they fit its largest bucket
+(``--cuda-graph-max-tokens``) and as many sequences. What varies from step to
+step there beyond the token rows (how many of the sequences are decodes, how
+many query blocks each prompt chunk has) goes to the attention backend as a
+``StaticLayout`` of fixed-size device tensors: the decode kernel runs over a fixed number of
 leading rows (those past the step's decodes have context length 0) and the
 prefill kernel over a fixed-size work list of (sequence, query block) pairs.
 Padding token rows are token 0 at position 0 with slot -1 and belong to no
@@ -59,15 +60,12 @@ from worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-# Powers of two up to 8, then every multiple of 8: at most 7 padding rows above 8.
-DECODE_BUCKETS: tuple[int, ...] = (1, 2, 4, *range(8, 257, 8))
+# Most sequences in a step replayed from a graph unless told otherwise: decode batch
+# sizes and the sequence-indexed buffers of mixed steps are sized for it.
+GRAPH_MAX_SEQS = 256
 # Token counts of mixed steps: powers of two up to 256, then steps of 128 to 1024 and
 # of 256 beyond, so that padding stays under a third of a step above 256 tokens.
 MIXED_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, *range(384, 1025, 128), *range(1280, 8193, 256))
-# Most sequences in a mixed step replayed from a graph; the sequence-indexed buffers
-# are sized for it.
-MIXED_MAX_SEQS = 256
-
 PAD_TOKEN_ID = 0
 PAD_POSITION = 0
 PAD_SLOT = -1
@@ -75,6 +73,21 @@ PAD_SEQ_LEN = 1
 PAD_BLOCK = 0
 
 _PROGRESS_SECONDS = 5.0
+
+
+def decode_buckets(max_seqs: int) -> tuple[int, ...]:
+    """Batch sizes of decode graphs for up to ``max_seqs`` sequences: powers of two up to
+    8, every multiple of 8 up to 256 (at most 7 padding rows) and of 16 beyond (at most 15,
+    under 6% of a batch), ending at the first size that holds ``max_seqs``."""
+    if max_seqs < 1:
+        raise ValueError(f"decode graphs need at least 1 sequence, got {max_seqs}")
+    sizes = [1, 2, 4, *range(8, 257, 8)]
+    if max_seqs > 256:
+        sizes += range(272, max_seqs + 16, 16)
+    return tuple(sizes[: bisect.bisect_left(sizes, max_seqs) + 1])
+
+
+DECODE_BUCKETS = decode_buckets(GRAPH_MAX_SEQS)
 
 
 def bucket_for(num_seqs: int, buckets: Sequence[int]) -> int | None:
@@ -353,7 +366,7 @@ class MixedGraphs(_GraphSet[PaddedStep]):
         max_seq_len: int,
         block_size: int,
         buckets: Sequence[int] = MIXED_BUCKETS,
-        max_seqs: int = MIXED_MAX_SEQS,
+        max_seqs: int = GRAPH_MAX_SEQS,
     ) -> None:
         # Imported here: triton is an optional dependency that only GPU hosts need.
         from kernels.paged_prefill_attention import fill_work_list, prefill_block_tokens, work_list_size

@@ -13,10 +13,10 @@ On a GPU:
   the fused Triton norm / rotary / activation layers;
 * the KV cache takes what is left of ``gpu_memory_utilization`` after the
   weights and the peak of a profiling step (see ``PROFILE_NUM_TOKENS``);
-* pure-decode steps of up to 256 sequences replay CUDA graphs captured at
-  start-up (``worker.cuda_graphs``), and so do prefill and mixed steps of up to
-  ``cuda_graph_max_tokens`` tokens over at most 256 sequences; larger steps run
-  eagerly;
+* pure-decode steps of up to ``cuda_graph_max_seqs`` sequences (default 256)
+  replay CUDA graphs captured at start-up (``worker.cuda_graphs``), and so do
+  prefill and mixed steps of up to ``cuda_graph_max_tokens`` tokens over as many
+  sequences; larger steps run eagerly;
 * a step's inputs go to the device as non-blocking copies from pinned host
   memory (buffers reused round robin, ``PinnedSlots``), so the host waits for
   the device once per step: when it reads the sampled tokens.
@@ -49,7 +49,15 @@ import torch
 from shared.config import WorkerConfig
 from shared.messages import BatchPlan, SamplingParams, StepResult, TokenLogprobs
 from worker.attention.base import AttentionMetadata
-from worker.cuda_graphs import DecodeGraphs, LateTokens, MixedGraphs, mixed_buckets, pad_decode_batch
+from worker.cuda_graphs import (
+    GRAPH_MAX_SEQS,
+    DecodeGraphs,
+    LateTokens,
+    MixedGraphs,
+    decode_buckets,
+    mixed_buckets,
+    pad_decode_batch,
+)
 from worker.device import DeviceInfo
 from worker.loader import load_model
 from worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
@@ -60,14 +68,16 @@ log = logging.getLogger(__name__)
 
 # The profiling step that sizes the activation reserve: this many prompt tokens
 # in one forward pass, then sampling (temperature, top-p: the costliest path) for
-# this many rows. The scheduler's token budget is not known to the worker, so
-# the step is fixed at a budget four times the scheduler's default (2048); a
-# larger --max-num-batched-tokens needs a lower --gpu-memory-utilization.
+# this many rows, or the CUDA graphs' most sequences if more. The scheduler's
+# token budget is not known to the worker, so the step is fixed at a budget four
+# times the scheduler's default (2048); a larger --max-num-batched-tokens needs a
+# lower --gpu-memory-utilization.
 PROFILE_NUM_TOKENS = 8192
 PROFILE_NUM_SAMPLED = 256
-# The decode graphs' own memory pool, kept out of the KV cache: decode activations of
-# at most 256 tokens. Captures took 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b)
-# on an H200; start-up logs what they took. The mixed-step graphs' pool is sized
+# The decode graphs' own memory pool, kept out of the KV cache, per 256 sequences of
+# the largest batch: decode activations of at most 256 tokens. Captures of 256 took
+# 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b) on an H200; start-up logs what
+# they took. The mixed-step graphs' pool is sized
 # from the profiling step (activations scale with the token count) plus this margin.
 CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 MIXED_GRAPH_MARGIN_BYTES = 64 << 20
@@ -238,11 +248,14 @@ class ModelRunner:
 
         reserved = 0
         mixed_sizes = mixed_buckets(config.cuda_graph_max_tokens) if self.use_cuda_graphs else ()
+        graph_seqs = GRAPH_MAX_SEQS if config.cuda_graph_max_seqs is None else config.cuda_graph_max_seqs
+        if graph_seqs < 1:
+            raise ValueError(f"--cuda-graph-max-seqs must be at least 1, got {graph_seqs}")
         if device.is_cuda:
-            activations = self._profile_activation_bytes()
+            activations = self._profile_activation_bytes(min(max(PROFILE_NUM_SAMPLED, graph_seqs), PROFILE_NUM_TOKENS))
             reserved = activations
             if self.use_cuda_graphs:
-                reserved += CUDA_GRAPH_RESERVE_BYTES
+                reserved += CUDA_GRAPH_RESERVE_BYTES * -(-graph_seqs // GRAPH_MAX_SEQS)
             if mixed_sizes:
                 reserved += activations * max(mixed_sizes) // PROFILE_NUM_TOKENS + MIXED_GRAPH_MARGIN_BYTES
         available = device.kv_cache_bytes(config, reserved)
@@ -269,11 +282,13 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         if self.use_cuda_graphs:
             longest = min(self.max_model_len, self.num_blocks * self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size,
+                                       buckets=decode_buckets(graph_seqs))
             self.graphs.capture()
             if mixed_sizes:
                 self.mixed_graphs = MixedGraphs(
-                    self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size, buckets=mixed_sizes
+                    self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size, buckets=mixed_sizes,
+                    max_seqs=graph_seqs,
                 )
                 self.mixed_graphs.capture()
 
@@ -284,9 +299,9 @@ class ModelRunner:
     # -- start-up ------------------------------------------------------------
 
     @torch.inference_mode()
-    def _profile_activation_bytes(self) -> int:
+    def _profile_activation_bytes(self, num_sampled: int) -> int:
         """Peak device memory of one ``PROFILE_NUM_TOKENS``-token prefill step and the
-        sampling of ``PROFILE_NUM_SAMPLED`` rows, beyond what is allocated now.
+        sampling of ``num_sampled`` rows, beyond what is allocated now.
 
         The attention reads a one-block scratch cache: every block-table entry
         points at it and no token is written (slot -1), so the step computes at
@@ -312,14 +327,14 @@ class ModelRunner:
         )
         input_ids = torch.zeros(PROFILE_NUM_TOKENS, dtype=torch.int64, device=dev)
         params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
-        states = [SamplingState(params, [0], device=dev) for _ in range(PROFILE_NUM_SAMPLED)]
+        states = [SamplingState(params, [0], device=dev) for _ in range(num_sampled)]
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_reserved(dev)
         started = time.monotonic()
         hidden = self.model(input_ids, positions, scratch, meta)  # (PROFILE_NUM_TOKENS, hidden)
-        logits = self.model.compute_logits(hidden[:PROFILE_NUM_SAMPLED])
+        logits = self.model.compute_logits(hidden[:num_sampled])
         sample(logits, states, torch.Generator(device=dev).manual_seed(0))
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_reserved(dev) - before

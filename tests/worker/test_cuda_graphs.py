@@ -37,6 +37,7 @@ from worker.cuda_graphs import (
     MixedGraphs,
     PaddedDecode,
     bucket_for,
+    decode_buckets,
     mixed_buckets,
     pad_decode_batch,
 )
@@ -73,6 +74,26 @@ def test_buckets_cover_every_batch_up_to_256() -> None:
         assert bucket == n or bucket - n < max(n // 2 + 1, 8), (n, bucket)  # padding stays small
     assert [bucket_for(n, DECODE_BUCKETS) for n in (1, 3, 5, 9, 17, 250)] == [1, 4, 8, 16, 24, 256]
     assert bucket_for(257, DECODE_BUCKETS) is None
+
+
+@pytest.mark.parametrize("max_seqs", [1, 3, 8, 9, 100, 256, 257, 300, 512, 1000])
+def test_decode_buckets_end_at_the_first_that_holds_max_seqs(max_seqs: int) -> None:
+    buckets = decode_buckets(max_seqs)
+    assert list(buckets) == sorted(set(buckets)) and buckets[0] == 1
+    assert buckets[-1] >= max_seqs and (len(buckets) == 1 or buckets[-2] < max_seqs)
+    assert buckets == DECODE_BUCKETS[: len(buckets)] or max_seqs > 256
+    for n in range(1, max_seqs + 1):
+        bucket = bucket_for(n, buckets)
+        assert bucket is not None and n <= bucket
+        assert bucket - n < (max(n // 2 + 1, 8) if n <= 256 else 16), (n, bucket)
+
+
+def test_decode_buckets_beyond_256() -> None:
+    assert decode_buckets(256) == DECODE_BUCKETS
+    assert decode_buckets(512)[len(DECODE_BUCKETS):] == tuple(range(272, 513, 16))
+    assert decode_buckets(300)[-2:] == (288, 304)
+    with pytest.raises(ValueError, match="at least 1"):
+        decode_buckets(0)
 
 
 # input_ids, positions, slot_mapping, seq_lens, block_tables: pad_decode_batch's arguments
@@ -281,8 +302,10 @@ def test_padded_mixed_step_equals_unpadded_on_cpu(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_runner() -> ModelRunner:
+    # Graphs for up to 320 sequences: past the default 256, where decode sizes step by 16.
     config = WorkerConfig(
-        model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=4096, gpu_memory_utilization=0.5
+        model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=4096, gpu_memory_utilization=0.5,
+        cuda_graph_max_seqs=320,
     )
     runner = ModelRunner(config, "llama-3.2-1b", DeviceInfo.resolve(config))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -299,9 +322,10 @@ def test_replay_equals_eager_at_the_same_bucket(gpu_runner: ModelRunner, seed: i
     and greedy tokens, for random decode batches of many sizes."""
     runner = gpu_runner
     graphs = runner.graphs
-    assert graphs is not None and graphs.captured
+    assert graphs is not None and graphs.captured and graphs.buckets == list(decode_buckets(320))
+    assert graphs.bucket_for(321) is None
     rng = np.random.default_rng(seed)
-    sizes = [1, 2, 3, 7, 8, 9, 31, 64, 100, 255, 256, *rng.integers(1, 257, 6).tolist()]
+    sizes = [1, 2, 3, 7, 8, 9, 31, 64, 100, 255, 256, 257, 300, 320, *rng.integers(1, 321, 6).tolist()]
     with torch.inference_mode():
         for n in sizes:
             batch = random_decode(
@@ -336,9 +360,10 @@ def test_mixed_replay_equals_eager(gpu_runner: ModelRunner, seed: int) -> None:
     bf16, while a layout bug would change rows entirely)."""
     runner = gpu_runner
     mixed = runner.mixed_graphs
-    assert mixed is not None and mixed.captured and mixed.largest == 2048
+    assert mixed is not None and mixed.captured and mixed.largest == 2048 and mixed.max_seqs == 320
+    assert mixed.bucket_for(400, 321) is None
     rng = np.random.default_rng(seed)
-    cases: list[list[int]] = [[1] * 255 + [300], [1] * 40 + [7, 900], [2000], [1, 1, 1, 1]]
+    cases: list[list[int]] = [[1] * 255 + [300], [1] * 318 + [2, 900], [1] * 40 + [7, 900], [2000], [1, 1, 1, 1]]
     cases += [[1] * int(rng.integers(0, 200)) + rng.integers(2, 600, int(rng.integers(1, 4))).tolist()
               for _ in range(4)]
     with torch.inference_mode():
