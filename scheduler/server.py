@@ -434,6 +434,11 @@ class SchedulerServer:
         log.info("worker group ready: %d rank(s), model %s on %s, %d KV blocks of %d tokens, "
                  "max model length %d", self.config.tp, head.model, head.device,
                  kv_cache.num_blocks, head.block_size, head.max_model_len)
+        if 0 < head.graph_max_seqs < self.config.max_num_seqs:
+            log.warning("the workers replay CUDA graphs for steps of up to %d sequences; steps of more "
+                        "(--max-num-seqs %d) run eagerly, slower: start the workers with "
+                        "--cuda-graph-max-seqs %d", head.graph_max_seqs, self.config.max_num_seqs,
+                        self.config.max_num_seqs)
         pending, self._pending = self._pending, []
         for gateway_id, add in pending:
             self._apply(gateway_id, add)

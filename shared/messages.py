@@ -249,6 +249,7 @@ class WorkerReady(_Msg, frozen=True):
     max_model_len: int
     model: str
     device: str
+    graph_max_seqs: int = 0  # most sequences of a step replayed from a CUDA graph; 0: no graphs
 
 
 class StepResult(_Msg, frozen=True):

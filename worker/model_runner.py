@@ -280,6 +280,9 @@ class ModelRunner:
         self._unseeded = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
+        # Most sequences of a step replayed from a graph (0: none); the scheduler checks it
+        # against its --max-num-seqs.
+        self.graph_max_seqs = graph_seqs if self.use_cuda_graphs else 0
         if self.use_cuda_graphs:
             longest = min(self.max_model_len, self.num_blocks * self.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, max_seq_len=longest, block_size=self.block_size,

@@ -92,6 +92,7 @@ class WorkerServer:
             max_model_len=self.runner.max_model_len,
             model=self.model_name,
             device=self.device_name,
+            graph_max_seqs=self.runner.graph_max_seqs,
         ))
         log.info("rank %d/%d ready on %s: %d KV blocks of %d tokens; registered with %s",
                  self.tp.rank, self.tp.size, self.device_name, self.runner.num_blocks, self.runner.block_size,

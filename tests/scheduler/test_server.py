@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,6 +103,36 @@ def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None
     assert times.executing_s == pytest.approx(0.026)
     assert summary == ("4 steps: one every 12.00 ms (6.50 ms launch to tokens in the workers, 1.00 ms of their "
                        "host work, 0.75 ms waiting for the device), 2.00 ms here before the next plan")
+
+
+@pytest.mark.parametrize(("graph_max_seqs", "warned"), [(0, False), (256, True), (512, False), (600, False)])
+def test_workers_with_graphs_smaller_than_max_num_seqs_are_logged(graph_max_seqs: int, warned: bool,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A worker started alone with CUDA graphs for fewer sequences than --max-num-seqs would run
+    the larger steps eagerly: the scheduler says so, with the option that fixes it. A worker
+    without graphs (0, a CPU) is not warned about."""
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}", max_num_seqs=512)
+    caplog.set_level(logging.INFO, logger="scheduler.server")
+    with running_server(config) as (gateway, worker):
+        worker.send(m.encoder().encode(m.WorkerReady(0, 1, 64, 16, 1024, "test", "cuda:0", graph_max_seqs)))
+        deadline = time.monotonic() + 10
+        while True:
+            gateway.send(m.encoder().encode(m.StatusQuery(nonce=1)))
+            assert gateway.poll(5000)
+            status = m.scheduler_to_gateway.decode(gateway.recv())
+            if isinstance(status, m.SchedulerStatus) and status.workers_ready:
+                break
+            assert time.monotonic() < deadline, "the worker group never became ready"
+            time.sleep(0.02)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "CUDA graphs" in r.getMessage()]
+    if warned:
+        assert warnings == ["the workers replay CUDA graphs for steps of up to 256 sequences; steps of more "
+                            "(--max-num-seqs 512) run eagerly, slower: start the workers with "
+                            "--cuda-graph-max-seqs 512"]
+    else:
+        assert warnings == []
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])

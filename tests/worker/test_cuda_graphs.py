@@ -323,6 +323,7 @@ def test_replay_equals_eager_at_the_same_bucket(gpu_runner: ModelRunner, seed: i
     runner = gpu_runner
     graphs = runner.graphs
     assert graphs is not None and graphs.captured and graphs.buckets == list(decode_buckets(320))
+    assert runner.graph_max_seqs == 320
     assert graphs.bucket_for(321) is None
     rng = np.random.default_rng(seed)
     sizes = [1, 2, 3, 7, 8, 9, 31, 64, 100, 255, 256, 257, 300, 320, *rng.integers(1, 321, 6).tolist()]

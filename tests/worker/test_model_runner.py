@@ -145,7 +145,8 @@ class PlanMaker:
 
 def test_step_result_splits_its_time(runner: ModelRunner) -> None:
     """On the CPU the forward pass runs as it is queued: all of a step is host work, and no
-    copy from a device is waited for."""
+    copy from a device is waited for. Nor is any CUDA graph replayed (the worker reports 0)."""
+    assert runner.graphs is None and runner.graph_max_seqs == 0
     pm = PlanMaker(runner, seed=2)
     plan = pm.plan({"france": 5}, new={"france": PROMPTS["france"]})
     result = runner.execute(plan)
