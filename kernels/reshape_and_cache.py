@@ -48,6 +48,11 @@ def _to_e4m3_bytes(x, FP8_MAX: tl.constexpr):  # type: ignore[no-untyped-def]
     return tl.where(negative, byte | 0x80, byte)
 
 
+# Elements of one program's tile: enough tokens per program that a long prefill is not
+# thousands of tiny programs, one token per program at batch 1.
+TILE_ELEMENTS = 4096
+
+
 @triton.jit
 def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     key_ptr,
@@ -55,6 +60,7 @@ def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    num_tokens,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -63,36 +69,37 @@ def _reshape_and_cache_kernel(  # type: ignore[no-untyped-def]
     stride_cache_slot,
     stride_cache_head,
     block_size,
+    num_kv_heads,
     head_dim,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr,  # write FP8 (e4m3) bytes, saturated at +-FP8_MAX
     FP8_MAX: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (see kernels/__init__.py)
 ):
-    # One program copies one (token, kv head) row of head_dim elements.
+    # One program copies the rows of BLOCK_T tokens, every KV head of each: a
+    # (BLOCK_T, BLOCK_H * BLOCK_D) tile whose columns are (head, dim) pairs.
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
-    key = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs_d, mask=mask_d)
-    value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d, mask=mask_d)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H * BLOCK_D)
+    head = cols // BLOCK_D
+    dim = cols % BLOCK_D
+    mask = (slots >= 0)[:, None] & ((head < num_kv_heads) & (dim < head_dim))[None, :]
+    rows = tokens.to(tl.int64)[:, None]
+    key = tl.load(key_ptr + rows * stride_kt + (head * stride_kh + dim)[None, :], mask=mask)
+    value = tl.load(value_ptr + rows * stride_vt + (head * stride_vh + dim)[None, :], mask=mask)
     if KV_FP8:
         key = _to_e4m3_bytes(key, FP8_MAX)
         value = _to_e4m3_bytes(value, FP8_MAX)
-    dst = (
-        (slot // block_size) * stride_cache_block
-        + (slot % block_size) * stride_cache_slot
-        + head * stride_cache_head
-        + offs_d
-    )
-    tl.store(k_cache_ptr + dst, key, mask=mask_d)
-    tl.store(v_cache_ptr + dst, value, mask=mask_d)
+    dst = ((slots // block_size) * stride_cache_block + (slots % block_size) * stride_cache_slot)[:, None] + (
+        head * stride_cache_head + dim
+    )[None, :]
+    tl.store(k_cache_ptr + dst, key, mask=mask)
+    tl.store(v_cache_ptr + dst, value, mask=mask)
 
 
 def reshape_and_cache(
@@ -127,13 +134,16 @@ def reshape_and_cache(
     if num_tokens == 0:
         return
     k_cache, v_cache = kv_cache_arg(kv_cache)
-    block_d = triton.next_power_of_2(head_dim)
-    _reshape_and_cache_kernel[(num_tokens, num_kv_heads)](
+    block_h, block_d = triton.next_power_of_2(num_kv_heads), triton.next_power_of_2(head_dim)
+    block_t = min(max(TILE_ELEMENTS // (block_h * block_d), 1), triton.next_power_of_2(num_tokens))
+    tile = block_t * block_h * block_d
+    _reshape_and_cache_kernel[(triton.cdiv(num_tokens, block_t),)](
         key,
         value,
         k_cache,
         v_cache,
         slot_mapping,
+        num_tokens,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -142,11 +152,14 @@ def reshape_and_cache(
         k_cache.stride(1),
         k_cache.stride(2),
         kv_cache.shape[2],
+        num_kv_heads,
         head_dim,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
         BLOCK_D=block_d,
         KV_FP8=kv_cache.dtype == KV_FP8,
         FP8_MAX=FP8_MAX,
-        num_warps=1 if block_d <= 128 else 2,
+        num_warps=min(max(tile // 256, 1), 4),
         **pdl_args(_reshape_and_cache_kernel, device),
     )
 

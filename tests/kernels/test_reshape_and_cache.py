@@ -39,6 +39,19 @@ def test_matches_reference(seed: int, block_size: int, dtype: torch.dtype, devic
     assert torch.equal(cache, expected)
 
 
+@pytest.mark.parametrize(("num_tokens", "num_kv_heads", "head_dim"),
+                         [(37, 3, 24), (1, 8, 128), (70, 1, 64), (5, 8, 64)])
+def test_tiles_of_several_tokens(num_tokens: int, num_kv_heads: int, head_dim: int, device: torch.device):
+    """A program copies several tokens' rows, all heads of each: token counts that leave its
+    last tile partly empty, head counts and dims below their power of two, skipped slots."""
+    key, value, cache, slots = _random_case(num_tokens, num_kv_heads, head_dim, 4, num_tokens, torch.float16, device,
+                                            num_tokens, num_tokens // 3)
+    expected = cache.clone()
+    reshape_and_cache_ref(key, value, expected, slots)
+    reshape_and_cache(key, value, cache, slots)
+    assert torch.equal(cache, expected)
+
+
 def test_skip_slots_leave_cache_untouched(device: torch.device):
     key, value, cache, slots = _random_case(5, 1, 16, 4, 3, torch.float32, device, 0, 0)
     slots[:] = -1
