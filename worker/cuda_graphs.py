@@ -35,11 +35,12 @@ sequences (``decode_buckets``). Prefill and mixed batches replay graphs of
 (``--cuda-graph-max-tokens``) and as many sequences. What varies from step to
 step there beyond the token rows (how many of the sequences are decodes, how
 many query blocks each prompt chunk has) goes to the attention backend as a
-``StaticLayout`` of fixed-size device tensors: the decode kernel runs over a fixed number of
-leading rows (those past the step's decodes have context length 0) and the
-prefill kernel over a fixed-size work list of (sequence, query block) pairs.
-Padding token rows are token 0 at position 0 with slot -1 and belong to no
-sequence; their attention output is zero. Larger steps run eagerly.
+``StaticLayout`` of fixed-size device tensors: the decode kernel runs over a
+fixed number of leading rows (those past the step's decodes have context
+length 0) and the prefill kernel over a fixed-size work list of (sequence,
+query block) pairs. Padding token rows are token 0 at position 0 with slot -1
+and belong to no sequence; their attention output is zero. Larger steps run
+eagerly.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ GRAPH_MAX_SEQS = 256
 # Token counts of mixed steps: powers of two up to 256, then steps of 128 to 1024 and
 # of 256 beyond, so that padding stays under a third of a step above 256 tokens.
 MIXED_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, *range(384, 1025, 128), *range(1280, 8193, 256))
+
 PAD_TOKEN_ID = 0
 PAD_POSITION = 0
 PAD_SLOT = -1

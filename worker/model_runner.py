@@ -76,8 +76,8 @@ PROFILE_NUM_TOKENS = 8192
 PROFILE_NUM_SAMPLED = 256
 # The decode graphs' own memory pool, kept out of the KV cache, per 256 sequences of
 # the largest batch: decode activations of at most 256 tokens. Captures of 256 took
-# 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b) on an H200; start-up logs what
-# they took. The mixed-step graphs' pool is sized
+# 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b) on an H200, of 512 266 MiB at
+# llama-3.1-8b; start-up logs what they took. The mixed-step graphs' pool is sized
 # from the profiling step (activations scale with the token count) plus this margin.
 CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 MIXED_GRAPH_MARGIN_BYTES = 64 << 20
