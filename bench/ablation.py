@@ -93,9 +93,9 @@ from bench import gpu_engine
 from bench.scheduler_cost import ProcessGroup
 from bench.serving import BenchConfig, RequestOutcome, _git_state, compute_metrics, run_benchmark
 from bench.workloads import BenchRequest, Workload, rag_workload
-from shared.config import SchedulerConfig, WorkerConfig, parse_bool
-from shared.dummy_shapes import DUMMY_SHAPES
-from worker.model_config import ModelConfig
+from loomserve.shared.config import SchedulerConfig, WorkerConfig, parse_bool
+from loomserve.shared.dummy_shapes import DUMMY_SHAPES
+from loomserve.worker.model_config import ModelConfig
 
 log = logging.getLogger("bench.ablation")
 
@@ -664,7 +664,7 @@ def run_hf_continuous(ctx: RowContext) -> RowRun:
 
 def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
     s = ctx.settings
-    argv = ["shared.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
+    argv = ["loomserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
             "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(ctx.max_num_seqs),
             "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
             "--max-num-batched-tokens", str(s.max_num_batched_tokens),
@@ -749,7 +749,7 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
 
 
 def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
-    from worker.local_engine import LocalEngine
+    from loomserve.local_engine import LocalEngine
 
     s = ctx.settings
     run = RowRun()

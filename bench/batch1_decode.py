@@ -39,14 +39,14 @@ import triton
 
 from bench import gpu_engine
 from bench.serving import _git_state
-from kernels import set_pdl
-from kernels.gemv import GemvConfig
-from kernels.gemv import linear as gemv_linear
-from shared.config import SchedulerConfig, WorkerConfig
-from worker.cuda_graphs import DecodeGraphs
-from worker.local_engine import LocalEngine
-from worker.models.llama import TritonRotary
-from worker.parallel import Linear, Matmul
+from loomserve.kernels import set_pdl
+from loomserve.kernels.gemv import GemvConfig
+from loomserve.kernels.gemv import linear as gemv_linear
+from loomserve.local_engine import LocalEngine
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
+from loomserve.worker.cuda_graphs import DecodeGraphs
+from loomserve.worker.models.llama import TritonRotary
+from loomserve.worker.parallel import Linear, Matmul
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 

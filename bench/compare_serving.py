@@ -122,7 +122,7 @@ def run_one(label: str, serve_args: list[str], workload: Workload, warmup: Workl
     """Start a server with ``serve_args``, warm it up, run the workload, stop it."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    argv = ["shared.cli", "serve", "--port", str(port), "--response-cache", "false", *serve_args]
+    argv = ["loomserve.cli", "serve", "--port", str(port), "--response-cache", "false", *serve_args]
     with ProcessGroup() as group:
         group.spawn("serve", argv)
         wait_ready(group, base_url)

@@ -27,8 +27,8 @@ import torch
 from triton.testing import do_bench
 
 from bench.kernels import BLOCK_SIZE, SHAPES, LayerShape, checked_time, make_paged_inputs
-from kernels import KV_FP8
-from kernels.paged_decode_attention import (
+from loomserve.kernels import KV_FP8
+from loomserve.kernels.paged_decode_attention import (
     MAX_SPLITS,
     DecodeConfig,
     choose_num_splits,

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from shared import messages as m
-from shared.process import install_stop_handler, parent_watchdog, setup_logging
+from loomserve.shared import messages as m
+from loomserve.shared.process import install_stop_handler, parent_watchdog, setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def start_stack(group: ProcessGroup, port: int, max_seqs: int, model: str | None
                              max_model_len=max(defaults.max_model_len, max_len))
     scheduler_address = start_backend(group, backend)
     group.spawn("gateway", [
-        "shared.cli", "gateway", "--host", "127.0.0.1", "--port", str(port),
+        "loomserve.cli", "gateway", "--host", "127.0.0.1", "--port", str(port),
         "--scheduler-address", scheduler_address, *(["--model", model] if model else []),
     ], profile=True)
     base_url = f"http://127.0.0.1:{port}"

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from bench.serving import RequestOutcome, compute_metrics
 from bench.workloads import build_workload
-from gateway.tokenizer import load_tokenizer
+from loomserve.gateway.tokenizer import load_tokenizer
 
 log = logging.getLogger("bench.hf_baseline")
 

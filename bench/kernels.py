@@ -47,17 +47,17 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.gemv import gemv, gemv_ref
-from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.paged_prefill_attention import (
+from loomserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+from loomserve.kernels.gemv import gemv, gemv_ref
+from loomserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from loomserve.kernels.paged_prefill_attention import (
     gather_context,
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from loomserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from loomserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from loomserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 
 REL_TOL = 1e-2
 BLOCK_SIZE = 16

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from bench.kernels import BLOCK_SIZE, SHAPES, LayerShape, checked_time, make_paged_inputs
-from kernels.paged_prefill_attention import (
+from loomserve.kernels.paged_prefill_attention import (
     LaunchConfig,
     default_launch_config,
     paged_prefill_attention,

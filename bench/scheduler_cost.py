@@ -1,6 +1,6 @@
 """What one scheduler step costs, with the model taken out.
 
-A real scheduler process (``python -m shared.cli scheduler``) and the echo worker
+A real scheduler process (``python -m loomserve.cli scheduler``) and the echo worker
 (``bench/echo_worker.py``, no model: it answers each plan at once) run on ipc sockets in
 a temporary directory; this process is the gateway, speaking ``AddRequest`` /
 ``RequestOutputs`` on a DEALER socket. For each size N it submits N requests (random
@@ -63,12 +63,12 @@ import zmq
 from bench.echo_worker import BLOCK_SIZE, EchoConfig, EchoRunner
 from bench.serving import _git_state
 from bench.workloads import DEFAULT_VOCAB_SIZE
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler
-from shared import messages as m
-from shared.config import SchedulerConfig
-from shared.process import die_with_parent
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.request import Request
+from loomserve.scheduler.scheduler import Scheduler
+from loomserve.shared import messages as m
+from loomserve.shared.config import SchedulerConfig
+from loomserve.shared.process import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def start_backend(group: ProcessGroup, options: BackendOptions) -> str:
     gateway_address = group.address("gateway")
     worker_address = group.address("worker")
     group.spawn("scheduler", [
-        "shared.cli", "scheduler",
+        "loomserve.cli", "scheduler",
         "--gateway-address", gateway_address,
         "--worker-address", worker_address,
         "--max-num-seqs", str(options.max_num_seqs),

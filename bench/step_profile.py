@@ -43,11 +43,11 @@ import torch
 from bench import gpu_engine
 from bench.ablation import ShapeCosts, matmul_peak_flops
 from bench.serving import _git_state
-from shared.config import WorkerConfig
-from worker.attention.base import AttentionMetadata
-from worker.cuda_graphs import pad_decode_batch
-from worker.device import DeviceInfo
-from worker.model_runner import ModelRunner
+from loomserve.shared.config import WorkerConfig
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.cuda_graphs import pad_decode_batch
+from loomserve.worker.device import DeviceInfo
+from loomserve.worker.model_runner import ModelRunner
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 SMOKE_SHAPE = "llama-tiny"

@@ -53,9 +53,9 @@ from bench.gpu_engine import (
     summarise,
 )
 from bench.workloads import rag_workload
-from shared.config import SchedulerConfig, WorkerConfig
-from worker.local_engine import LocalEngine
-from worker.parallel import TensorParallel, init_tensor_parallel
+from loomserve.local_engine import LocalEngine
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
+from loomserve.worker.parallel import TensorParallel, init_tensor_parallel
 
 ALL_REDUCE_TOKENS = (1, 64, 256)
 FIT_FRACTION = 0.85

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.model_files import default_model_path as _default_model_path
+from loomserve.shared.model_files import default_model_path as _default_model_path
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -72,16 +72,19 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServeStack:
-    """``loomserve serve`` on a free port; ``stop()`` checks that no process is left."""
+    """``loomserve serve`` on a free port; ``stop()`` checks that no process is left.
+    ``command`` runs loomserve (default: this interpreter's ``-m loomserve.cli``)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None,
+                 command: list[str] | None = None, cwd: Path | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         out = log_path.open("wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", "--port", str(self.port), *args],
+            [*(command or [sys.executable, "-m", "loomserve.cli"]), "serve", "--port", str(self.port), *args],
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

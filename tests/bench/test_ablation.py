@@ -8,10 +8,10 @@ import torch
 
 from bench import ablation
 from bench.ablation import ROWS, Budget, RowContext, ShapeCosts, parse_per_row, serve_argv, settings_json
-from shared.config import WorkerConfig
-from worker.device import DeviceInfo
-from worker.model_runner import ModelRunner
-from worker.models.llama import kv_cache_bytes_per_block
+from loomserve.shared.config import WorkerConfig
+from loomserve.worker.device import DeviceInfo
+from loomserve.worker.model_runner import ModelRunner
+from loomserve.worker.models.llama import kv_cache_bytes_per_block
 
 
 def test_per_row_values():
@@ -49,7 +49,7 @@ def test_gateway_workers_and_client_processes():
     assert (settings["gateway_workers"], settings["client_processes"]) == (3, 2)
     # One gateway is the server's default: the option stays off the command line for servers without it.
     argv, settings = argv_and_settings()
-    assert "--gateway-workers" not in argv and argv[:2] == ["shared.cli", "serve"]
+    assert "--gateway-workers" not in argv and argv[:2] == ["loomserve.cli", "serve"]
     assert (settings["gateway_workers"], settings["client_processes"]) == (1, 1)
     with pytest.raises(SystemExit):
         ablation.parse_args(["--out", "x.json", "--client-processes", "0"])
@@ -57,7 +57,7 @@ def test_gateway_workers_and_client_processes():
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b", "llama-tiny"])
 def test_parameter_counts_match_the_models(shape):
-    from worker.loader import load_model
+    from loomserve.worker.loader import load_model
 
     model, _ = load_model(shape, load_format="dummy", dtype=torch.bfloat16, device="meta")
     costs = ShapeCosts.of(shape, torch.bfloat16)

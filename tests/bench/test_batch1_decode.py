@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.batch1_decode import VARIANTS, format_table, main, parse_gemv_config, variants
-from kernels.gemv import GemvConfig
+from loomserve.kernels.gemv import GemvConfig
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

@@ -9,7 +9,7 @@ import torch
 
 from bench.decode_sweep import copy_bandwidth, parse_config, sweep_case
 from bench.kernels import LLAMA_3_1_8B
-from kernels.paged_decode_attention import DecodeConfig
+from loomserve.kernels.paged_decode_attention import DecodeConfig
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import zmq
 from bench import scheduler_cost
 from bench.echo_worker import DEFAULT_TOKEN_ID, EchoConfig, EchoRunner, PlanError
 from bench.scheduler_cost import BackendOptions, GatewaySocket, ProcessGroup, run_to_length, start_backend
-from shared import messages as m
+from loomserve.shared import messages as m
 
 
 @pytest.fixture

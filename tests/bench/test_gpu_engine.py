@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bench import gpu_engine
-from shared.config import SchedulerConfig, WorkerConfig
-from worker.local_engine import LocalEngine
+from loomserve.local_engine import LocalEngine
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
 
 
 def test_execute_times_split_each_step() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from bench.kernels import LLAMA_3_1_8B
 from bench.prefill_sweep import sweep_case
-from kernels.paged_prefill_attention import LaunchConfig
+from loomserve.kernels.paged_prefill_attention import LaunchConfig
 
 
 @pytest.mark.gpu

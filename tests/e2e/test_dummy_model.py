@@ -12,8 +12,8 @@ import pytest
 
 from bench.serving import BenchConfig, run_benchmark
 from bench.workloads import rag_workload
-from gateway.synthetic_tokenizer import synthetic_tokenizer_for
-from shared.dummy_shapes import DUMMY_SHAPES
+from loomserve.gateway.synthetic_tokenizer import synthetic_tokenizer_for
+from loomserve.shared.dummy_shapes import DUMMY_SHAPES
 from tests.stack import ServeStack
 
 SHAPE = "llama-tiny"

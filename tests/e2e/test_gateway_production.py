@@ -18,11 +18,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import ModelInfo, create_app
-from gateway.auth import KeyStore, generate_key
-from gateway.engine_client import EngineClient
-from gateway.tokenizer import load_tokenizer
-from shared.config import GatewayConfig
+from loomserve.gateway.app import ModelInfo, create_app
+from loomserve.gateway.auth import KeyStore, generate_key
+from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.tokenizer import load_tokenizer
+from loomserve.shared.config import GatewayConfig
 from tests.otlp_receiver import OTLPReceiver
 from tests.stack import ServeStack
 

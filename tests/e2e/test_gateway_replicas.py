@@ -24,7 +24,7 @@ import openai
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.auth import generate_key
+from loomserve.gateway.auth import generate_key
 from tests.e2e.reference import Greedy, assert_greedy_close
 from tests.exposition import SampleKey, exposed_samples
 from tests.stack import ServeStack, descendants, pid_alive
@@ -44,7 +44,7 @@ _LISTEN, _ESTABLISHED = "0A", "01"  # TCP states as /proc/net/tcp writes them
 
 
 def gateway_pids(stack: ServeStack) -> list[int]:
-    """The gateway processes under ``serve`` (``python -m shared.cli gateway ...``)."""
+    """The gateway processes under ``serve`` (``python -m loomserve.cli gateway ...``)."""
     found = []
     for pid in descendants(stack.proc.pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -297,4 +297,4 @@ def test_sigterm_drains_every_gateway(tmp_path: Path, default_model_path: Path) 
     assert not descendants(stack.proc.pid) and not any(pid_alive(pid) for pid in gateways)
     log = (tmp_path / "serve.log").read_text()
     for name in ("gateway-1", "gateway-2"):
-        assert f"{name} gateway.server: gateway stopped" in log
+        assert f"{name} loomserve.gateway.server: gateway stopped" in log

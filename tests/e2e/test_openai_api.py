@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+from loomserve.gateway.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 from tests.e2e.reference import Greedy, assert_greedy_close, hf_greedy, load_hf_model
 from tests.stack import ServeStack
 

@@ -64,7 +64,7 @@ def test_supervisor_killed_takes_its_children_along(tmp_path: Path) -> None:
 
 
 def _spawn(role: str, *args: str, env: dict[str, str] | None = None, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", role, *args],
+    return subprocess.Popen([sys.executable, "-m", "loomserve.cli", role, *args],
                             env={**os.environ, **(env or {})}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 

@@ -31,7 +31,7 @@ import openai
 import pytest
 import torch
 
-from gateway.tokenizer import load_tokenizer
+from loomserve.gateway.tokenizer import load_tokenizer
 from tests.e2e.reference import Greedy, assert_greedy_close
 from tests.stack import ServeStack, descendants, kill_mid_stream, pid_alive
 from tests.worker.test_loaders import widen_weights
@@ -176,7 +176,7 @@ def test_ranks_started_one_by_one_as_on_several_hosts(tiny_model: Path, tmp_path
         "gateway": ["gateway", "--scheduler-address", gateway_address, "--model", str(tiny_model),
                     "--port", str(port), "--response-cache", "false"],
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=(tmp_path / name).open("wb"),
+    procs = {name: subprocess.Popen([sys.executable, "-m", "loomserve.cli", *argv], stdout=(tmp_path / name).open("wb"),
                                     stderr=subprocess.STDOUT)
              for name, argv in commands.items()}
     base = f"http://127.0.0.1:{port}"

@@ -21,8 +21,8 @@ from starlette.testclient import TestClient
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway import auth
-from gateway.auth import (
+from loomserve.gateway import auth
+from loomserve.gateway.auth import (
     AuthMiddleware,
     KeyRecord,
     KeyStore,
@@ -32,7 +32,7 @@ from gateway.auth import (
     hash_key,
     load_keys_file,
 )
-from gateway.ratelimit import Limits
+from loomserve.gateway.ratelimit import Limits
 from tests.redis_server import RedisServer
 
 PUBLIC = {"/health", "/ready", "/metrics"}
@@ -234,20 +234,20 @@ def test_timing_safe_comparison_over_every_digest(monkeypatch: pytest.MonkeyPatc
 
 
 def test_open_mode_warns_and_admits_as_default(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.auth")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.auth")
     app = build_app(KeyStore())
     for headers in (None, {"authorization": "Bearer whatever"}):
         body = call(app, "POST", "/v1/chat/completions", headers).json()
         assert body["tenant"] == "default" and body["limits"] is None
     # Starlette builds its middleware once, at the first call (the lifespan startup under uvicorn).
-    warnings = [r for r in caplog.records if r.name == "gateway.auth" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "loomserve.gateway.auth" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "open to anyone" in warnings[0].getMessage()
 
 
 def test_no_warning_when_keys_are_configured(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.auth")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.auth")
     call(build_app(KeyStore(RECORDS)), "GET", "/health")
-    assert not [r for r in caplog.records if r.name == "gateway.auth"]
+    assert not [r for r in caplog.records if r.name == "loomserve.gateway.auth"]
 
 
 # -- keys file --------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def test_redis_key_source(key_redis: RedisServer) -> None:
 
 
 def test_redis_source_alone_is_not_open_mode(caplog: pytest.LogCaptureFixture, key_redis: RedisServer) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.auth")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.auth")
     app = build_app(KeyStore(redis_source=RedisKeySource(key_redis.url)))
     assert_refused(call(app, "GET", "/v1/models"), "missing_api_key")
-    assert not [r for r in caplog.records if r.name == "gateway.auth"]
+    assert not [r for r in caplog.records if r.name == "loomserve.gateway.auth"]

@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.tokenizer import load_tokenizer
+from loomserve.gateway.detokenizer import IncrementalDetokenizer
+from loomserve.gateway.tokenizer import load_tokenizer
 
 TEXTS = [
     "Hello, world! This is plain ASCII.",

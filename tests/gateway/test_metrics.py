@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.metrics import (
+from loomserve.gateway.metrics import (
     E2E_BUCKETS,
     MULTIPROC_DIR_ENV,
     TPOT_BUCKETS,
@@ -20,7 +20,7 @@ from gateway.metrics import (
     SchedulerSnapshot,
     time_per_output_token,
 )
-from shared import messages as m
+from loomserve.shared import messages as m
 from tests.exposition import SampleKey, exposed_samples
 
 ALL_METRICS = [
@@ -224,7 +224,7 @@ def test_time_per_output_token() -> None:
 # status of its own (queue depth n); then its /metrics exposition on stdout.
 _GATEWAY_PROCESS = """
 import sys
-from gateway.metrics import GatewayMetrics, SchedulerSnapshot
+from loomserve.gateway.metrics import GatewayMetrics, SchedulerSnapshot
 n = int(sys.argv[1])
 g = GatewayMetrics()
 for _ in range(n):

@@ -19,10 +19,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.app import build_limiter
-from gateway.auth import Principal
-from gateway.protocol import APIError
-from gateway.ratelimit import (
+from loomserve.gateway.app import build_limiter
+from loomserve.gateway.auth import Principal
+from loomserve.gateway.protocol import APIError
+from loomserve.gateway.ratelimit import (
     GCRA_LUA,
     Admission,
     CircuitBreaker,
@@ -36,7 +36,7 @@ from gateway.ratelimit import (
     gcra_refund,
     gcra_take,
 )
-from shared.config import GatewayConfig
+from loomserve.shared.config import GatewayConfig
 from tests.redis_server import RedisServer
 
 BASE_S = 1_700_000_000.0  # a fixed "now" for clock-driven tests; exact in microseconds as a double
@@ -395,11 +395,12 @@ def test_settle_on_abort(kind: str, redis_server: RedisServer) -> None:
 
 def breaker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "gateway.ratelimit" and r.levelno == logging.WARNING and "unavailable" in r.getMessage()]
+            if r.name == "loomserve.gateway.ratelimit" and r.levelno == logging.WARNING
+            and "unavailable" in r.getMessage()]
 
 
 def test_fail_open_when_redis_is_down(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.ratelimit")
     backoff = 0.3
 
     async def run() -> None:
@@ -550,7 +551,7 @@ def test_prepare_connects_and_loads_the_script(own_redis: RedisServer) -> None:
 
 
 def test_prepare_without_redis_only_logs(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.ratelimit")
     own_redis.stop()
 
     async def run() -> None:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from gateway import response_cache as rc
-from gateway.response_cache import (
+from loomserve.gateway import response_cache as rc
+from loomserve.gateway.response_cache import (
     CACHE_HEADER,
     CACHE_HIT,
     DELIVERY_ONLY_FIELDS,
@@ -473,7 +473,7 @@ def test_damaged_entry_is_a_miss(redis_prefix: str) -> None:
 
 
 def test_log_shows_no_redis_credentials(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="gateway.response_cache"):
+    with caplog.at_level("INFO", logger="loomserve.gateway.response_cache"):
         ResponseCache("redis://user:s3cret@cache.internal:6380/2?password=hunter2")
     assert "redis://cache.internal:6380/2" in caplog.text
     assert "s3cret" not in caplog.text and "hunter2" not in caplog.text

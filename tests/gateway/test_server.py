@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from gateway.server import shared_listening_socket
+from loomserve.gateway.server import shared_listening_socket
 
 
 def _accept_all(listener: socket.socket) -> int:

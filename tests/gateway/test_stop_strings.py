@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from gateway.stop_strings import StopStringMatcher
+from loomserve.gateway.stop_strings import StopStringMatcher
 
 
 def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.synthetic_tokenizer import (
+from loomserve.gateway.detokenizer import IncrementalDetokenizer
+from loomserve.gateway.synthetic_tokenizer import (
     BOS,
     EOS,
     UNK,
@@ -12,8 +12,8 @@ from gateway.synthetic_tokenizer import (
     synthetic_tokenizer_for,
     synthetic_vocabulary,
 )
-from gateway.tokenizer import apply_chat_template
-from shared.dummy_shapes import DUMMY_SHAPES
+from loomserve.gateway.tokenizer import apply_chat_template
+from loomserve.shared.dummy_shapes import DUMMY_SHAPES
 
 LLAMA3 = DUMMY_SHAPES["llama-3.1-8b"]
 
@@ -128,9 +128,9 @@ def test_shape_errors():
 
 
 def test_gateway_uses_it_for_a_dummy_shape_name(tmp_path, monkeypatch):
-    from gateway.server import load_model_info, uses_synthetic_tokenizer
-    from shared.config import GatewayConfig
-    from shared.model_files import ModelFileError
+    from loomserve.gateway.server import load_model_info, uses_synthetic_tokenizer
+    from loomserve.shared.config import GatewayConfig
+    from loomserve.shared.model_files import ModelFileError
 
     monkeypatch.chdir(tmp_path)
     info = load_model_info(GatewayConfig(model="llama-3.2-1b"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from gateway.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
-from shared.model_files import ModelFileError
+from loomserve.gateway.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+from loomserve.shared.model_files import ModelFileError
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_gguf_tokenizer_is_converted_once_and_cached(
     def no_conversion(*args):
         raise AssertionError("converted the GGUF again instead of using the cache")
 
-    monkeypatch.setattr("gateway.tokenizer._convert_gguf", no_conversion)
+    monkeypatch.setattr("loomserve.gateway.tokenizer._convert_gguf", no_conversion)
     start = time.perf_counter()
     again = load_tokenizer(default_model_path)
     elapsed = time.perf_counter() - start

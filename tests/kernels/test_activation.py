@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
+from loomserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 
 
 def _inputs(shape, dtype, device, seed):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.gemv import GemvConfig, default_gemv_config, gemv, gemv_ref, linear
+from loomserve.kernels.gemv import GemvConfig, default_gemv_config, gemv, gemv_ref, linear
 
 # fp32: summation order only; 16-bit: the single rounding of the output.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

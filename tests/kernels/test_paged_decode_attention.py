@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from kernels import KV_FP8
-from kernels.paged_decode_attention import (
+from loomserve.kernels import KV_FP8
+from loomserve.kernels.paged_decode_attention import (
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
     DecodeConfig,
@@ -15,9 +15,9 @@ from kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from kernels.reshape_and_cache import reshape_and_cache_ref
-from worker.attention.base import AttentionMetadata
-from worker.attention.triton_backend import TritonAttentionBackend
+from loomserve.kernels.reshape_and_cache import reshape_and_cache_ref
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.attention.triton_backend import TritonAttentionBackend
 
 
 def _decode_batch(paged_batch, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.paged_prefill_attention import (
+from loomserve.kernels.paged_prefill_attention import (
     LaunchConfig,
     _launch_config,
     default_launch_config,
@@ -17,9 +17,9 @@ from kernels.paged_prefill_attention import (
     prefill_block_tokens,
     work_list_size,
 )
-from kernels.reshape_and_cache import reshape_and_cache_ref
-from worker.attention.base import AttentionMetadata, StaticLayout
-from worker.attention.triton_backend import TritonAttentionBackend
+from loomserve.kernels.reshape_and_cache import reshape_and_cache_ref
+from loomserve.worker.attention.base import AttentionMetadata, StaticLayout
+from loomserve.worker.attention.triton_backend import TritonAttentionBackend
 
 
 def _run(batch, out=None):
@@ -455,7 +455,7 @@ def test_fp8_backends_agree_on_a_mixed_batch(paged_batch, assert_close, num_padd
     """An FP8 cache through both attention backends: the same bytes written (the torch
     backend's cast and the kernel's rounding agree), and the same output as the reference
     over the expected cache."""
-    from worker.attention.torch_backend import TorchAttentionBackend
+    from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 
     batch = paged_batch(query_lens=[7, 1, 12, 1], prefix_lens=[5, 20, 0, 3], num_heads=4, num_kv_heads=2,
                         head_dim=32, block_size=4, dtype=torch.float32, seed=13)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import pdl_args, set_pdl
-from kernels.activation import _silu_and_mul_kernel, silu_and_mul
-from kernels.gemv import gemv
-from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+from loomserve import kernels
+from loomserve.kernels import pdl_args, set_pdl
+from loomserve.kernels.activation import _silu_and_mul_kernel, silu_and_mul
+from loomserve.kernels.gemv import gemv
+from loomserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import FP8_MAX, KV_FP8, to_cache_dtype
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from loomserve.kernels import FP8_MAX, KV_FP8, to_cache_dtype
+from loomserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
 
 
 def _random_case(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rmsnorm import (
+from loomserve.kernels.rmsnorm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
     rms_norm,

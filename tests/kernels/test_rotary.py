@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
-from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from loomserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+from loomserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 
 
 def _inputs(num_tokens, num_heads, num_kv_heads, head_dim, max_position, dtype, device, seed):

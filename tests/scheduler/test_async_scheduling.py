@@ -13,10 +13,10 @@ from collections import deque
 
 import pytest
 
-from scheduler.request import RequestStatus
-from scheduler.scheduler import AdmissionError, Scheduler
-from shared.config import SchedulerConfig
-from shared.messages import StepResult
+from loomserve.scheduler.request import RequestStatus
+from loomserve.scheduler.scheduler import AdmissionError, Scheduler
+from loomserve.shared.config import SchedulerConfig
+from loomserve.shared.messages import StepResult
 from tests.scheduler.test_scheduler import (
     VOCAB,
     TokenCacheWorker,

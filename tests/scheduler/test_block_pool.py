@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from scheduler.block_pool import BlockPool, FreeBlockQueue, KVBlock
+from loomserve.scheduler.block_pool import BlockPool, FreeBlockQueue, KVBlock
 
 
 def queue_ids(pool: BlockPool) -> list[int]:

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from scheduler.scheduler import AdmissionError
+from loomserve.scheduler.scheduler import AdmissionError
 from tests.scheduler.test_scheduler import assert_scheduler_empty, make, request, run
 
 BLOCK_SIZE = 4

@@ -2,9 +2,9 @@
 
 import pytest
 
-from scheduler.kv_cache_manager import KVCacheManager, hash_block_tokens, root_block_hash
-from scheduler.request import Request
-from shared.messages import SamplingParams
+from loomserve.scheduler.kv_cache_manager import KVCacheManager, hash_block_tokens, root_block_hash
+from loomserve.scheduler.request import Request
+from loomserve.shared.messages import SamplingParams
 
 BLOCK_SIZE = 4
 

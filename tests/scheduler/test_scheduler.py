@@ -17,11 +17,11 @@ import random
 
 import pytest
 
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.request import Request
-from scheduler.scheduler import AdmissionError, Scheduler
-from shared.config import SchedulerConfig
-from shared.messages import BatchPlan, SamplingParams, StepResult
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.request import Request
+from loomserve.scheduler.scheduler import AdmissionError, Scheduler
+from loomserve.shared.config import SchedulerConfig
+from loomserve.shared.messages import BatchPlan, SamplingParams, StepResult
 
 VOCAB = 50
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import zmq
 
-from scheduler.server import SchedulerServer, _StepTimes
-from shared import messages as m
-from shared.config import SchedulerConfig
+from loomserve.scheduler.server import SchedulerServer, _StepTimes
+from loomserve.shared import messages as m
+from loomserve.shared.config import SchedulerConfig
 from tests.stack import free_port
 
 
@@ -42,7 +42,7 @@ def running_server(config: SchedulerConfig) -> Iterator[tuple[zmq.Socket, zmq.So
 def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
                              worker_address=f"tcp://127.0.0.1:{free_port()}")
-    caplog.set_level(logging.WARNING, logger="scheduler.server")
+    caplog.set_level(logging.WARNING, logger="loomserve.scheduler.server")
     with running_server(config) as (gateway, worker):
         gateway.send(b"\x93\xff garbage")
         gateway.send_multipart([b"two", b"frames"])
@@ -61,7 +61,7 @@ def test_garbage_frames_are_dropped_and_logged(caplog: pytest.LogCaptureFixture)
 def test_the_trace_of_a_request_with_choices_ends_with_its_last_choice() -> None:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
-    from scheduler.request import Request
+    from loomserve.scheduler.request import Request
 
     config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
                              worker_address=f"tcp://127.0.0.1:{free_port()}")
@@ -113,7 +113,7 @@ def test_workers_with_graphs_smaller_than_max_num_seqs_are_logged(graph_max_seqs
     without graphs (0, a CPU) is not warned about."""
     config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
                              worker_address=f"tcp://127.0.0.1:{free_port()}", max_num_seqs=512)
-    caplog.set_level(logging.INFO, logger="scheduler.server")
+    caplog.set_level(logging.INFO, logger="loomserve.scheduler.server")
     with running_server(config) as (gateway, worker):
         worker.send(m.encoder().encode(m.WorkerReady(0, 1, 64, 16, 1024, "test", "cuda:0", graph_max_seqs)))
         deadline = time.monotonic() + 10

@@ -9,8 +9,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from shared.config import SchedulerConfig, WorkerConfig, _opt, add_arguments, describe, from_namespace
-from shared.supervisor import config_argv
+from loomserve.shared.config import (
+    SchedulerConfig,
+    WorkerConfig,
+    _opt,
+    add_arguments,
+    config_argv,
+    describe,
+    from_namespace,
+)
 
 
 def test_environment_sets_defaults_and_the_command_line_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,9 +57,9 @@ def test_secrets_are_masked() -> None:
 
 def test_every_command_has_help() -> None:
     for command in ("serve", "gateway", "scheduler", "worker", "fetch-model"):
-        out = subprocess.run([sys.executable, "-m", "shared.cli", command, "--help"], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "loomserve.cli", command, "--help"], capture_output=True,
                              text=True, check=True).stdout
         assert "usage: loomserve" in out
-    serve_help = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--help"], capture_output=True,
+    serve_help = subprocess.run([sys.executable, "-m", "loomserve.cli", "serve", "--help"], capture_output=True,
                                 text=True, check=True).stdout
     assert "LOOMSERVE_MAX_NUM_BATCHED_TOKENS" in serve_help

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import model_files
-from shared.model_files import DEFAULT_MODEL_FILE, ModelFileError, default_model_path, resolve_model
+from loomserve.shared import model_files
+from loomserve.shared.model_files import DEFAULT_MODEL_FILE, ModelFileError, default_model_path, resolve_model
 
 
 def test_cached_default_model_is_verified(default_model_path: Path) -> None:

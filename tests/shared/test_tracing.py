@@ -16,8 +16,8 @@ import httpx
 import pytest
 from opentelemetry.trace import SpanKind
 
-from shared import tracing
-from shared.tracing import (
+from loomserve.shared import tracing
+from loomserve.shared.tracing import (
     PROMPT_ATTRIBUTE,
     PROMPT_ATTRIBUTE_MAX_CHARS,
     TRACE_PROMPTS_ENV,
@@ -99,7 +99,7 @@ def test_trace_continues_in_a_real_subprocess(receiver: OTLPReceiver) -> None:
     # The child process exits without calling shutdown_tracing: the SDK's exit hook must flush.
     child = textwrap.dedent("""
         import sys, time
-        from shared.tracing import context_from_traceparent, record_span, setup_tracing
+        from loomserve.shared.tracing import context_from_traceparent, record_span, setup_tracing
         setup_tracing("worker", sys.argv[1])
         now = time.time_ns()
         record_span("worker.step", now - 1_000_000, now, parent=context_from_traceparent(sys.argv[2]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.cuda_graphs import LateTokens
+from loomserve.worker.cuda_graphs import LateTokens
 
 
 @pytest.fixture

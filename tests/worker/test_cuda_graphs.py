@@ -21,14 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler
-from shared.config import SchedulerConfig, WorkerConfig
-from shared.messages import BatchPlan, SamplingParams, StepResult
-from worker.attention.base import AttentionMetadata
-from worker.attention.triton_backend import TritonAttentionBackend
-from worker.cuda_graphs import (
+from loomserve.local_engine import LocalEngine
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.request import Request
+from loomserve.scheduler.scheduler import Scheduler
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
+from loomserve.shared.messages import BatchPlan, SamplingParams, StepResult
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.attention.triton_backend import TritonAttentionBackend
+from loomserve.worker.cuda_graphs import (
     DECODE_BUCKETS,
     MIXED_BUCKETS,
     PAD_SEQ_LEN,
@@ -41,11 +42,10 @@ from worker.cuda_graphs import (
     mixed_buckets,
     pad_decode_batch,
 )
-from worker.device import DeviceInfo
-from worker.loader import load_model
-from worker.local_engine import LocalEngine
-from worker.model_runner import LaunchedStep, ModelRunner
-from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.device import DeviceInfo
+from loomserve.worker.loader import load_model
+from loomserve.worker.model_runner import LaunchedStep, ModelRunner
+from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
 
 ON_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")

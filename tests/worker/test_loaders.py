@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from worker.attention.base import AttentionMetadata
-from worker.loader import DUMMY_SHAPES, load_model
-from worker.loader.dummy import dummy_config
-from worker.loader.gguf_loader import tensor_to_torch, unpermute_rope_rows
-from worker.model_config import ModelConfig, llama3_freq_factors
-from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.loader import DUMMY_SHAPES, load_model
+from loomserve.worker.loader.dummy import dummy_config
+from loomserve.worker.loader.gguf_loader import tensor_to_torch, unpermute_rope_rows
+from loomserve.worker.model_config import ModelConfig, llama3_freq_factors
+from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

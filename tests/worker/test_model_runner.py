@@ -15,17 +15,17 @@ import msgspec
 import pytest
 import torch
 
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler
-from shared.config import SchedulerConfig, WorkerConfig
-from shared.messages import BatchPlan, CachedRequestData, NewRequestData, SamplingParams
-from worker.attention.base import AttentionMetadata
-from worker.attention.torch_backend import TorchAttentionBackend
-from worker.device import DeviceInfo
-from worker.local_engine import LocalEngine
-from worker.model_runner import ModelRunner, PinnedSlots
-from worker.models.llama import allocate_kv_caches
+from loomserve.local_engine import LocalEngine
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.request import Request
+from loomserve.scheduler.scheduler import Scheduler
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
+from loomserve.shared.messages import BatchPlan, CachedRequestData, NewRequestData, SamplingParams
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.attention.torch_backend import TorchAttentionBackend
+from loomserve.worker.device import DeviceInfo
+from loomserve.worker.model_runner import ModelRunner, PinnedSlots
+from loomserve.worker.models.llama import allocate_kv_caches
 
 if not torch.cuda.is_available():
     # The Triton backend test below runs the kernels under the interpreter, which must
@@ -279,7 +279,7 @@ def test_triton_backend_splits_leading_decodes() -> None:
     """A mixed batch led by decodes (the runner's layout): decode kernel for those, prefill
     kernel for the rest, padding rows zero; equal to the torch backend. On the CPU the
     kernels run under the Triton interpreter."""
-    from worker.attention.triton_backend import TritonAttentionBackend, num_leading_decodes
+    from loomserve.worker.attention.triton_backend import TritonAttentionBackend, num_leading_decodes
 
     assert num_leading_decodes([0, 1, 2, 3, 10, 11]) == 3
     assert num_leading_decodes([0, 1, 2]) == 2

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from shared.messages import SamplingParams
-from worker.sampler import SamplingState, adjust_logits, sample, sample_async
+from loomserve.shared.messages import SamplingParams
+from loomserve.worker.sampler import SamplingState, adjust_logits, sample, sample_async
 
 F32 = torch.float32
 
@@ -356,7 +356,7 @@ def test_min_tokens_masks_stop_ids_until_reached() -> None:
 def test_out_of_vocabulary_ids_ignored_with_warning(caplog: pytest.LogCaptureFixture) -> None:
     logits = random_logits(1, 10, seed=13)
     state = make_state(logit_bias={2: 1.0, 10: 5.0}, min_tokens=3, stop_token_ids=[4, 99])
-    with caplog.at_level(logging.WARNING, logger="worker.sampler"):
+    with caplog.at_level(logging.WARNING, logger="loomserve.worker.sampler"):
         adjusted = adjust_logits(logits, [state])
     expected = logits[0].clone()
     expected[2] += 1.0

@@ -26,19 +26,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from scheduler.request import Request
-from shared.config import SchedulerConfig, WorkerConfig
-from shared.messages import SamplingParams
+from loomserve.local_engine import LocalEngine
+from loomserve.scheduler.request import Request
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
+from loomserve.shared.messages import SamplingParams
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.device import DeviceInfo
+from loomserve.worker.group import parse_ranks
+from loomserve.worker.loader import load_model
+from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port
 from tests.worker.test_loaders import widen_weights, write_gguf
-from worker.attention.base import AttentionMetadata
-from worker.device import DeviceInfo
-from worker.group import parse_ranks
-from worker.loader import load_model
-from worker.local_engine import LocalEngine
-from worker.models.llama import LlamaForCausalLM, allocate_kv_caches
-from worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

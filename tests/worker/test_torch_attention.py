@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from kernels.reshape_and_cache import reshape_and_cache_ref
-from worker.attention.base import AttentionMetadata
-from worker.attention.torch_backend import TorchAttentionBackend
+from loomserve.kernels.reshape_and_cache import reshape_and_cache_ref
+from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 
 HEAD_DIM = 16
 NUM_BLOCKS = 64

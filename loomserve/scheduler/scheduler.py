@@ -1,0 +1,603 @@
+"""Iteration-level continuous batching under one token budget.
+
+Every step spends at most ``max_num_batched_tokens`` new tokens on at most
+``max_num_seqs`` sequences, in this order:
+
+    1. running requests that decode (one token each),
+    2. running requests in the middle of a chunked prefill (or a recompute),
+    3. waiting requests, admitted in policy order while budget, sequences and
+       KV blocks last; a prompt longer than the budget left is split across steps.
+
+There are no prefill and decode phases: a long prompt only takes what the
+decodes leave, so running streams keep their pace. When a running request needs
+a KV block and none is free, the policy's victim is preempted: its blocks are
+freed and it goes back to the waiting queue, to be recomputed later (reusing
+what the prefix cache still holds).
+
+``schedule()`` produces one ``BatchPlan`` and advances the scheduled requests'
+``num_computed_tokens`` at once; a request that gets a token sampled counts it
+in ``num_pending`` until ``update_from_output()`` applies the worker group's
+``StepResult`` and appends it. So the next plan can be made before this one's
+result is back (asynchronous scheduling, ``SchedulerConfig.async_scheduling``):
+a decode then continues from a token only the workers know yet. What that
+costs: a request that samples a stop token has computed one token more, whose
+result is dropped; one whose pending tokens reach ``max_tokens`` is not
+scheduled again; a request preempted with tokens in flight waits for them
+before it is re-admitted; and a request id whose tokens are still in flight
+after it ended is not taken again until they are back.
+
+Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once::
+
+    parent  P  tokens t0 .. t(L-2) computed, like any prompt (never sampled)
+       | fork, at the start of the step after (or at admission, if nothing is left)
+       v
+    P#0 .. P#(n-1)   each computes t(L-1) and samples its own first token from there
+
+The parent holds ``n`` of the ``max_num_seqs`` seats from its admission on. The
+fork shares every full block; the partial last block, if any, is copied on
+write for the first n-1 choices (``BatchPlan.block_copies``) and handed to the
+last one. The choices are new requests to the worker, with their computed
+tokens and block tables; from then on each is an ordinary request (it is
+preempted and recomputed alone). Choice ``i`` of a seeded request samples with
+``seed + i``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.policy import WaitingQueue, pick_victim
+from loomserve.scheduler.request import Request, RequestStatus
+from loomserve.shared.config import SchedulerConfig
+from loomserve.shared.messages import (
+    CHOICE_SEPARATOR,
+    BatchPlan,
+    CachedRequestData,
+    ErrorInfo,
+    NewRequestData,
+    RequestOutput,
+    StepResult,
+    TokenLogprobs,
+    choice_request_ids,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index``: ``seed + index``, wrapped past 2**64 (the sampler keeps
+    a seed's low 64 bits; the wire carries at most 64)."""
+    seed += index
+    return seed - 2**64 if seed >= 2**64 else seed
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_rejected: int = 0
+    num_scheduled_tokens: int = 0  # tokens computed (prompt and output), over all steps
+    num_forks: int = 0  # requests of n > 1 split into their choices
+    num_block_copies: int = 0  # partial blocks copied on write by those forks
+    max_batch_size: int = 0
+    # Request ids of each step, kept only when tracing batches (tests, debugging).
+    batch_history: list[list[str]] = field(default_factory=list)
+
+
+class AdmissionError(Exception):
+    """A request that can never run; ``error`` says why, with the HTTP status."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        max_model_len: int,
+        record_batches: bool = False,
+    ) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._record_batches = record_batches
+        self._step_id = 0
+        # Requests that ended since the last plan; the worker drops their state.
+        self._finished_since_plan: list[str] = []
+        # Requests whose full data the worker holds (sent once in new_requests).
+        self._known_to_worker: set[str] = set()
+        # Admitted (or re-admitted after preemption) but not yet sent as new data.
+        self._needs_full_data: set[str] = set()
+        # Block ids allocated to a running request that no plan has carried yet.
+        self._unsent_blocks: dict[str, list[int]] = {}
+        # Parallel sampling: requests of n > 1 not forked yet (waiting or running), the
+        # live choices of forked ones by parent id, the seats that running parents hold
+        # for their choices (n - 1 each), and the copies the next plan carries.
+        self._parents: dict[str, Request] = {}
+        self._children: dict[str, list[Request]] = {}
+        self._num_reserved_seqs = 0
+        self._block_copies: list[tuple[int, int]] = []
+        # Ended requests with tokens still in flight: how many (their results are dropped).
+        self._draining: dict[str, int] = {}
+
+    # -- admission and abort -------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue ``request``, or raise AdmissionError if it can never run."""
+        if request.request_id in self.requests or (self._draining and any(
+                i in self._draining for i in choice_request_ids(request.request_id, request.n))):
+            raise AdmissionError(ErrorInfo(400, f"request id {request.request_id!r} is already in use"))
+        if CHOICE_SEPARATOR in request.request_id:
+            raise AdmissionError(ErrorInfo(
+                400, f"request id {request.request_id!r} contains {CHOICE_SEPARATOR!r}, which separates the "
+                     f"choices of a request with n > 1; choose another id"))
+        prompt_len = request.num_prompt_tokens
+        total = prompt_len + request.sampling.max_tokens
+        if prompt_len == 0:
+            raise AdmissionError(ErrorInfo(400, "the prompt is empty"))
+        if not 1 <= request.n <= self.config.max_num_seqs:
+            raise AdmissionError(ErrorInfo(
+                400, f"n = {request.n} choices can never run: n must be between 1 and the "
+                     f"{self.config.max_num_seqs} sequences a step may hold (--max-num-seqs)"))
+        if total > self.max_model_len:
+            raise AdmissionError(ErrorInfo(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = "
+                f"{total}; shorten the prompt or lower max_tokens",
+            ))
+        capacity = self.kv_cache.max_tokens_ever()
+        if request.n == 1 and total > capacity:
+            raise AdmissionError(ErrorInfo(
+                400,
+                f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
+                f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
+            ))
+        if request.n > 1:
+            # The choices share the prompt's full blocks (all but the last prompt token's);
+            # each needs its own blocks from there to its end.
+            block_size = self.kv_cache.block_size
+            num_shared = (prompt_len - 1) // block_size
+            num_blocks = num_shared + request.n * (-(-total // block_size) - num_shared)
+            if num_blocks > self.kv_cache.num_blocks:
+                raise AdmissionError(ErrorInfo(
+                    400,
+                    f"n = {request.n} choices of {prompt_len} prompt tokens (shared) + "
+                    f"{request.sampling.max_tokens} max_tokens need {num_blocks} blocks of {block_size} tokens "
+                    f"and can never fit in the KV cache ({self.kv_cache.num_blocks} blocks, {capacity} tokens); "
+                    f"lower max_tokens or n",
+                ))
+        queued, queued_tokens = len(self.waiting), self.waiting.num_tokens
+        if queued >= self.config.max_waiting_requests or queued_tokens + prompt_len > self.config.max_waiting_tokens:
+            raise AdmissionError(ErrorInfo(
+                503,
+                f"the queue is full ({queued} requests, {queued_tokens} prompt tokens waiting; limits "
+                f"{self.config.max_waiting_requests} and {self.config.max_waiting_tokens}); retry later",
+                type="queue_full",
+                retry_after_s=self.config.queue_full_retry_after_s,
+            ))
+        request.max_num_tokens = min(total, self.max_model_len)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        if request.n > 1:
+            self._parents[request.request_id] = request
+        self.waiting.push(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        """End the given requests; the id of a forked request ends each of its choices."""
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            ending = [request] if request is not None else list(self._children.get(request_id, ()))
+            for request in ending:
+                self.stats.num_aborted += 1
+                self._finish(request, "abort")
+                outputs += [RequestOutput(i, [], "abort") for i in choice_request_ids(request.request_id, request.n)]
+        return outputs
+
+    def expire_waiting(self, now: float) -> list[RequestOutput]:
+        """End requests that waited past their queue deadline (never started ones only)."""
+        expired = [r for r in self.waiting if r.queue_deadline is not None and now >= r.queue_deadline
+                   and r.status is RequestStatus.WAITING]
+        outputs = []
+        for request in expired:
+            waited = now - request.arrival_time
+            self._finish(request, "error")
+            error = ErrorInfo(
+                503, f"the request waited {waited:.1f} s in the queue, past its queue timeout; retry later",
+                type="queue_timeout", retry_after_s=self.config.queue_full_retry_after_s)
+            outputs += [RequestOutput(i, [], "error", error=error)
+                        for i in choice_request_ids(request.request_id, request.n)]
+        return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (the worker group is gone)."""
+        error = ErrorInfo(503, message, type="engine_error")
+        outputs = []
+        for request in list(self.requests.values()):
+            self._finish(request, "error")
+            outputs += [RequestOutput(i, [], "error", error=error)
+                        for i in choice_request_ids(request.request_id, request.n)]
+        self._known_to_worker.clear()
+        self._finished_since_plan.clear()
+        self._draining.clear()
+        self._needs_full_data.clear()
+        self._unsent_blocks.clear()
+        self._block_copies.clear()
+        return outputs
+
+    # -- one step ------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def schedule(self) -> BatchPlan | None:
+        """Choose this step's tokens; None when there is nothing to compute."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        scheduled_requests: list[Request] = []
+        preemptions_before = self.stats.num_preemptions
+        kv_cache = self.kv_cache
+        unsent = self._unsent_blocks
+        running = RequestStatus.RUNNING
+        if self._parents:
+            ready = [p for p in self._parents.values()
+                     if p.status is running and p.num_computed_tokens == len(p.token_ids) - 1]
+            for parent in ready:
+                if parent.status is running:  # not preempted by the fork of another
+                    self._fork(parent, scheduled)
+
+        # Decodes first, in running order, then the prefills. This loop runs once per
+        # running sequence per step: it is kept to a few attribute reads per decode.
+        prefilling = []
+        for request in self.running[:]:  # a copy: preemption removes from self.running
+            pending = request.num_pending
+            if len(request.token_ids) + pending - request.num_computed_tokens != 1:
+                prefilling.append(request)
+                continue
+            if budget == 0:
+                break
+            if request.status is not running:
+                continue  # preempted earlier in this loop
+            if pending and len(request.token_ids) + pending >= request.max_num_tokens:
+                continue  # its last token is in flight
+            blocks = kv_cache.allocate_slots(request, 1)
+            if blocks is None:
+                blocks = self._allocate_or_preempt(request, 1, scheduled)
+                if blocks is None:
+                    continue
+            if blocks:
+                unsent[request.request_id] += blocks
+            scheduled[request.request_id] = 1
+            scheduled_requests.append(request)
+            budget -= 1
+        for request in prefilling:
+            if budget == 0:
+                break
+            if request.status is not running:
+                continue
+            num_left = len(request.token_ids) + request.num_pending - request.num_computed_tokens
+            if request.n > 1:
+                num_left -= 1  # a parent stops one token short: each choice computes the last one
+            num_new = min(num_left, budget)
+            blocks = self._allocate_or_preempt(request, num_new, scheduled)
+            if blocks is None:
+                continue
+            unsent[request.request_id] += blocks
+            scheduled[request.request_id] = num_new
+            scheduled_requests.append(request)
+            budget -= num_new
+
+        # After a preemption this step, admitting would only evict again. A static
+        # batch admits only into an empty engine, and admits its whole batch even
+        # when the budget is spent: the rest of the prompts are prefilled next steps.
+        static = self.config.batching == "static"
+        preempted_now = self.stats.num_preemptions > preemptions_before
+        admitting = not preempted_now and not (static and self.running)
+        max_num_seqs = self.config.max_num_seqs
+        while admitting and (budget > 0 or static):
+            head = self.waiting.peek()
+            if head is None or len(self.running) + self._num_reserved_seqs + head.n > max_num_seqs:
+                break
+            if head.num_pending:
+                break  # preempted with tokens in flight: it resumes once they are back
+            computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
+            num_left = head.num_tokens - num_computed - (1 if head.n > 1 else 0)
+            num_new = min(num_left, budget)
+            blocks = kv_cache.allocate_slots(head, num_new, computed_blocks)
+            if blocks is None:
+                break  # head of line waits for blocks; later arrivals do not jump it
+            self.waiting.pop()
+            if head.num_preemptions == 0:
+                head.num_cached_tokens = num_computed
+                head.first_scheduled_ns = time.time_ns()
+            head.num_computed_tokens = num_computed
+            head.status = RequestStatus.RUNNING
+            self.running.append(head)
+            unsent[head.request_id] = blocks
+            self._needs_full_data.add(head.request_id)
+            if head.n > 1:
+                self._num_reserved_seqs += head.n - 1
+                if num_left == 0:  # a one-token prompt, or all of it cached: fork now
+                    budget = self._schedule_new_choices(self._fork(head, scheduled), budget, scheduled,
+                                                        scheduled_requests)
+                    continue
+            if num_new:
+                scheduled[head.request_id] = num_new
+                scheduled_requests.append(head)
+                budget -= num_new
+
+        if not scheduled:
+            return None
+        new_requests: list[NewRequestData] = []
+        cached_requests: list[CachedRequestData] = []
+        needs_full_data = self._needs_full_data
+        for request in scheduled_requests:
+            rid = request.request_id
+            blocks = unsent[rid]
+            if blocks:
+                unsent[rid] = []
+            else:
+                blocks = []  # not the list in unsent: later blocks are appended to that one
+            computed = request.num_computed_tokens
+            if rid in needs_full_data:
+                needs_full_data.discard(rid)
+                self._known_to_worker.add(rid)
+                new_requests.append(NewRequestData(
+                    request_id=rid,
+                    token_ids=list(request.token_ids),
+                    sampling=request.sampling,
+                    block_ids=blocks,
+                    num_computed_tokens=computed,
+                    traceparent=request.traceparent,
+                ))
+            else:
+                cached_requests.append(CachedRequestData(rid, blocks, computed))
+            # Progress counts from now: the next plan may come before this one's result.
+            computed += scheduled[rid]
+            request.num_computed_tokens = computed
+            if computed == len(request.token_ids) + request.num_pending and request.n == 1:
+                request.num_pending += 1  # all its tokens computed: the worker samples one
+        self._step_id += 1
+        self.stats.num_steps += 1
+        self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
+        if self._record_batches:
+            self.stats.batch_history.append(list(scheduled))
+        plan = BatchPlan(
+            step_id=self._step_id,
+            new_requests=new_requests,
+            cached_requests=cached_requests,
+            num_scheduled_tokens=scheduled,
+            finished_request_ids=self._finished_since_plan,
+            block_copies=self._block_copies,
+            lookahead=self.config.async_scheduling,
+        )
+        self._finished_since_plan = []
+        if self._block_copies:
+            self._block_copies = []
+        return plan
+
+    def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
+        """Split ``parent``, computed up to its last prompt token, into its n choices.
+
+        A partial last block needs n - 1 free blocks for its copies: others are
+        preempted until they are free, or the parent is, if it is the policy's
+        victim (then no choice exists yet and [] is returned).
+        """
+        kv_cache = self.kv_cache
+        num_copies = parent.n - 1 if parent.num_computed_tokens % kv_cache.block_size else 0
+        while kv_cache.num_free_blocks < num_copies:
+            victim = pick_victim(self.config.policy, [r for r in self.running if r.request_id not in scheduled])
+            self._preempt(victim)
+            if victim is parent:
+                return []
+        parent_id = parent.request_id
+        children = []
+        for index, child_id in enumerate(choice_request_ids(parent_id, parent.n)):
+            sampling = parent.sampling
+            if sampling.seed is not None:
+                sampling = msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, index))
+            children.append(Request(
+                request_id=child_id, prompt_token_ids=parent.prompt_token_ids, sampling=sampling,
+                arrival_time=parent.arrival_time, priority=parent.priority, cache_salt=parent.cache_salt,
+                traceparent=parent.traceparent, status=RequestStatus.RUNNING,
+                num_cached_tokens=parent.num_cached_tokens, max_num_tokens=parent.max_num_tokens,
+                first_scheduled_ns=parent.first_scheduled_ns, parent=parent,
+            ))
+        for child in children[:-1]:
+            copies = kv_cache.fork(parent, child)
+            assert copies is not None, "free blocks for the copies were made above"
+            self._block_copies += copies
+            self.stats.num_block_copies += len(copies)
+        kv_cache.transfer(parent, children[-1])
+
+        # The parent ends here without an output of its own; its choices go on.
+        self.running.remove(parent)
+        del self.requests[parent_id], self._parents[parent_id], self._unsent_blocks[parent_id]
+        self._needs_full_data.discard(parent_id)
+        self._num_reserved_seqs -= parent.n - 1
+        parent.status = RequestStatus.FINISHED
+        if parent_id in self._known_to_worker:
+            self._known_to_worker.discard(parent_id)
+            self._finished_since_plan.append(parent_id)
+        for child in children:
+            self.requests[child.request_id] = child
+            self.running.append(child)
+            self._unsent_blocks[child.request_id] = kv_cache.get_block_ids(child.request_id)
+            self._needs_full_data.add(child.request_id)
+        self._children[parent_id] = children
+        self.stats.num_forks += 1
+        return children
+
+    def _schedule_new_choices(self, children: list[Request], budget: int, scheduled: dict[str, int],
+                              scheduled_requests: list[Request]) -> int:
+        """Schedule the last prompt token of choices forked at admission, while budget and
+        blocks last (no preemption: the rest go with the next step's decodes)."""
+        for child in children:
+            if budget == 0:
+                break
+            blocks = self.kv_cache.allocate_slots(child, 1)
+            if blocks is None:
+                break
+            self._unsent_blocks[child.request_id] += blocks
+            scheduled[child.request_id] = 1
+            scheduled_requests.append(child)
+            budget -= 1
+        return budget
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, scheduled: dict[str, int]
+    ) -> list[int] | None:
+        """Allocate ``num_new`` slots for a running request, preempting others
+        (never one already scheduled this step) until it fits. Returns None if
+        ``request`` itself was the one preempted."""
+        while True:
+            blocks = self.kv_cache.allocate_slots(request, num_new)
+            if blocks is not None:
+                return blocks
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = pick_victim(self.config.policy, candidates)
+            self._preempt(victim)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        self.running.remove(request)
+        if request.n > 1:
+            self._num_reserved_seqs -= request.n - 1
+        del self._unsent_blocks[request.request_id]
+        self._needs_full_data.discard(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.preempted_ns.append(time.time_ns())
+        self.stats.num_preemptions += 1
+        # The worker keeps its sampling state (a seeded generator continues) but
+        # must be sent the request's tokens and new blocks again on resumption.
+        self.waiting.push(request)
+        log.debug("preempted %s after %d tokens", request.request_id, request.num_tokens)
+
+    def update_from_output(self, result: StepResult) -> list[RequestOutput]:
+        """Append the tokens of a plan's result (plans are answered in order); return what
+        the clients see. A request preempted since the plan still takes its token."""
+        requests = self.requests
+        draining = self._draining
+        outputs = []
+        logprobs: list[list[TokenLogprobs] | None] = result.logprobs or [None] * len(result.request_ids)
+        for request_id, token_ids, token_logprobs in zip(
+            result.request_ids, result.sampled_token_ids, logprobs, strict=True
+        ):
+            request = requests.get(request_id)
+            if request is None:  # it ended (stop, abort) while this token was in flight
+                if draining:
+                    left = draining.pop(request_id, 0) - 1
+                    if left > 0:
+                        draining[request_id] = left
+                continue
+            request.num_pending -= 1
+            if not token_ids:
+                continue
+            cached = 0
+            if request.first_token_ns is None:
+                request.first_token_ns = time.time_ns()
+                cached = request.num_cached_tokens
+                if request.parent is not None and request.parent.first_token_ns is None:
+                    request.parent.first_token_ns = request.first_token_ns  # the group's first token (traces)
+            if len(token_ids) == 1:  # the common case, spelled out: one call less per token
+                token_id = token_ids[0]
+                request.token_ids.append(token_id)
+                reason = self._stop_reason(request, token_id) if (
+                    len(request.token_ids) >= request.max_num_tokens or token_id in request.sampling.stop_token_ids
+                ) else None
+                emitted = token_ids
+            else:
+                emitted = []
+                reason = None
+                for token_id in token_ids:
+                    request.token_ids.append(token_id)
+                    emitted.append(token_id)
+                    reason = self._stop_reason(request, token_id)
+                    if reason is not None:
+                        break
+                if token_logprobs is not None:
+                    token_logprobs = token_logprobs[: len(emitted)]
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(RequestOutput(request_id, emitted, reason, token_logprobs, cached))
+        return outputs
+
+    def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        """Why ``request`` ends after appending ``token_id``, or None if it goes on."""
+        params = request.sampling
+        if token_id in params.stop_token_ids and request.num_output_tokens >= params.min_tokens:
+            return "stop"
+        if len(request.token_ids) >= request.max_num_tokens:
+            return "length"
+        return None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request_id = request.request_id
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            del self._unsent_blocks[request_id]
+            self._needs_full_data.discard(request_id)
+            if request.n > 1:
+                self._num_reserved_seqs -= request.n - 1
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        if request.n > 1:
+            del self._parents[request_id]
+        if request.parent is not None:
+            siblings = self._children[request.parent.request_id]
+            siblings.remove(request)
+            if not siblings:
+                del self._children[request.parent.request_id]
+        self.kv_cache.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request_id]
+        if request.num_pending:
+            self._draining[request_id] = request.num_pending
+        self.stats.num_finished += 1
+        if request_id in self._known_to_worker:
+            self._known_to_worker.discard(request_id)
+            self._finished_since_plan.append(request_id)
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def is_idle_and_empty(self) -> bool:
+        """No request anywhere and every KV block free (tests assert this after each run)."""
+        return (
+            not self.requests
+            and not self.running
+            and len(self.waiting) == 0
+            and not self._parents
+            and not self._children
+            and self._num_reserved_seqs == 0
+            and not self._draining
+            and self.kv_cache.num_used_blocks == 0
+        )
