@@ -5,6 +5,7 @@
     loomserve scheduler    the scheduler alone
     loomserve worker       one worker group alone (--tp N: N ranks, one process each)
     loomserve fetch-model  download the default model into the cache and exit
+    loomserve new-key      make an API key, add its digest to a keys file, print the key
 
 Each option also reads an environment variable (``--max-num-seqs`` from
 ``LOOMSERVE_MAX_NUM_SEQS``); ``--help`` lists them.
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(sub.add_parser("scheduler", help="run the scheduler"), SchedulerConfig)
     add_arguments(sub.add_parser("worker", help="run a worker group (or some of its ranks)"), WorkerConfig)
     sub.add_parser("fetch-model", help="download the default model into the cache")
+    new_key = sub.add_parser("new-key", help="make an API key, add its SHA-256 to a keys file, print the key")
+    new_key.add_argument("--tenant", required=True, help="who the key belongs to (rate limits and caches are per "
+                                                         "tenant)")
+    new_key.add_argument("--name", default="", help="a label for the key, shown in logs")
+    new_key.add_argument("--keys-file", required=True, help="the JSON keys file to add it to (created if missing); "
+                                                            "start the gateway with --keys-file pointing at it")
     return parser
 
 
@@ -177,6 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(ns)
         if ns.command == "fetch-model":
             log.info("default model at %s", default_model_path())
+            return 0
+        if ns.command == "new-key":
+            from loomserve.gateway.auth import add_key_to_file
+
+            try:
+                key = add_key_to_file(ns.keys_file, ns.tenant, ns.name)
+            except ValueError as e:
+                log.error("%s", e)
+                return 2
+            log.info("added a key of tenant %s to %s; the key is printed once, keep it", ns.tenant, ns.keys_file)
+            sys.stdout.write(key + "\n")
             return 0
         if ns.command == "scheduler":
             from loomserve.scheduler.server import serve_scheduler

@@ -53,6 +53,7 @@ from loomserve.gateway.protocol import (
     CompletionRequest,
     decode_body,
     stop_strings,
+    validate_roles,
     validate_sampling,
 )
 from loomserve.gateway.ratelimit import Limits, LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
@@ -66,6 +67,7 @@ from loomserve.gateway.response_cache import (
     replay_json,
     replay_sse,
 )
+from loomserve.gateway.sampling_defaults import SamplingDefaults
 from loomserve.gateway.tokenizer import apply_chat_template
 from loomserve.shared import messages as m
 from loomserve.shared.config import GatewayConfig
@@ -82,6 +84,7 @@ class ModelInfo:
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: list[int]
     revision: str  # changes when the weights change; part of the response-cache key
+    sampling_defaults: SamplingDefaults  # for the sampling fields a request leaves out
 
 
 @dataclass
@@ -295,7 +298,7 @@ class Gateway:
             return None
         with self.tracer.start_as_current_span("cache_lookup") as span:
             key = cache_key(life.principal.tenant, self.model.name, self.model.revision, life.endpoint,
-                            json.loads(raw))
+                            json.loads(raw), self.model.sampling_defaults.values)
             if key is None:
                 span.set_attribute("loomserve.cache", "not_cacheable")
                 return None
@@ -377,16 +380,19 @@ class Gateway:
         if bias and any(not 0 <= k < vocab for k in bias):
             raise APIError(400, f"logit_bias has a token id outside the vocabulary of {vocab}",
                            param="logit_bias")
+        default = self.model.sampling_defaults.values
+        top_k = int(default["top_k"]) if req.top_k is None else req.top_k
         return m.SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
+            temperature=default["temperature"] if req.temperature is None else req.temperature,
+            top_p=default["top_p"] if req.top_p is None else req.top_p,
+            top_k=max(top_k, 0),
+            min_p=default["min_p"] if req.min_p is None else req.min_p,
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
+            repetition_penalty=default["repetition_penalty"] if req.repetition_penalty is None
+            else req.repetition_penalty,
             logit_bias=bias,
             logprobs=logprobs,
             stop_token_ids=sorted(set(eos) | set(req.stop_token_ids or [])),
@@ -445,6 +451,7 @@ class Gateway:
         validate_sampling(req, max_tokens)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
+        validate_roles(req.messages)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
                            param="top_logprobs")

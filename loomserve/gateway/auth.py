@@ -127,6 +127,23 @@ def load_keys_file(path: str | Path) -> list[KeyRecord]:
     return records
 
 
+def add_key_to_file(path: str | Path, tenant: str, name: str) -> str:
+    """Make a key for ``tenant``, add its digest to the keys file at ``path`` (created if
+    missing) and return the key: the one time it exists outside the client."""
+    path = Path(path)
+    data: dict[str, Any] = {"keys": []}
+    if path.exists():
+        load_keys_file(path)  # refuses a malformed file before anything is written
+        data = json.loads(path.read_text())
+    key, digest = generate_key()
+    record = KeyRecord(tenant=tenant, name=name, sha256=digest)
+    data["keys"].append({"tenant": record.tenant, "name": record.name, "sha256": record.sha256})
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
+    return key
+
+
 class KeyStoreUnavailable(Exception):
     pass
 

@@ -19,6 +19,8 @@ MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20
+# The roles OpenAI's chat API accepts ("function" is its deprecated name for "tool").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class APIError(Exception):
@@ -57,7 +59,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
@@ -146,8 +148,9 @@ def validate_sampling(req: _SamplingFields, max_tokens: int | None) -> None:
            "presence_penalty")
     _check(-2.0 <= req.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2",
            "frequency_penalty")
-    _check(0.0 < req.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]",
-           "repetition_penalty")
+    if req.repetition_penalty is not None:
+        _check(0.0 < req.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]",
+               "repetition_penalty")
     stops = stop_strings(req)
     _check(len(stops) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings", "stop")
     for s in stops:
@@ -163,3 +166,9 @@ def validate_sampling(req: _SamplingFields, max_tokens: int | None) -> None:
             _check(key.lstrip("-").isdigit(), f"logit_bias key {key!r} is not a token id", "logit_bias")
             _check(math.isfinite(bias) and -100.0 <= bias <= 100.0,
                    "logit_bias values must be between -100 and 100", "logit_bias")
+
+
+def validate_roles(messages: list[ChatMessage]) -> None:
+    for i, msg in enumerate(messages):
+        _check(msg.role in CHAT_ROLES, f"messages[{i}].role is {msg.role!r}; it must be one of "
+                                       f"{', '.join(CHAT_ROLES)}", f"messages[{i}].role")

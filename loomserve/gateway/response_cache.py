@@ -1,8 +1,9 @@
 """A cache of whole answers to deterministic requests, in Redis or in process.
 
-A request is cacheable when its answer is reproducible: temperature 0 (greedy),
-or a seed (each seeded request samples from its own generator). The key is a
-SHA-256 over a canonical JSON encoding of the tenant, the model, its revision,
+A request is cacheable when its answer is reproducible: temperature 0 (greedy; sent,
+or the server's default for a request that sends none), or a seed (each seeded request
+samples from its own generator). The key is a SHA-256 over a canonical JSON encoding of
+the tenant, the model, its revision, the server's sampling defaults for omitted fields,
 the endpoint and the whole request body except a short denylist of fields that
 only change how the answer is delivered. A denylist rather than an allowlist:
 a field this module does not know (a new sampling parameter, an extension) then
@@ -50,7 +51,7 @@ CACHE_HEADER = "x-loomserve-cache"
 CACHE_HIT = "hit"
 
 # Bumped when the key derivation or the entry format changes, so old entries are never read.
-_KEY_VERSION = 1
+_KEY_VERSION = 2
 DEFAULT_KEY_PREFIX = f"loomserve:response:v{_KEY_VERSION}:"
 
 # Fields that change how an answer is delivered, never which tokens it holds:
@@ -64,9 +65,6 @@ DELIVERY_ONLY_FIELDS = frozenset({"stream", "stream_options", "user"})
 # Only answers that ended normally are worth replaying; "abort" and "error" describe one unlucky run.
 _CACHEABLE_FINISH_REASONS = frozenset({"stop", "length"})
 
-# OpenAI's default when a request leaves temperature out.
-_DEFAULT_TEMPERATURE = 1.0
-
 Kind = Literal["completion", "chat"]
 
 
@@ -77,8 +75,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def is_cacheable(body: Mapping[str, Any]) -> bool:
-    """Whether the answer to ``body`` is reproducible, so that replaying it is correct."""
+def is_cacheable(body: Mapping[str, Any], default_temperature: float) -> bool:
+    """Whether the answer to ``body`` is reproducible, so that replaying it is correct;
+    ``default_temperature`` is what the server samples at when the body sends none."""
     seed = body.get("seed")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
         return False
@@ -93,7 +92,7 @@ def is_cacheable(body: Mapping[str, Any]) -> bool:
         return False
     temperature = body.get("temperature")
     if temperature is None:
-        temperature = _DEFAULT_TEMPERATURE
+        temperature = default_temperature
     if not _is_number(temperature) or not math.isfinite(temperature):
         return False
     return temperature == 0 or seeded
@@ -126,14 +125,17 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"a decoded JSON body holds no {type(value).__name__}; pass the body as parsed JSON")
 
 
-def cache_key(tenant: str, model: str, revision: str, endpoint: str, body: Mapping[str, Any]) -> str | None:
+def cache_key(tenant: str, model: str, revision: str, endpoint: str, body: Mapping[str, Any],
+              sampling_defaults: Mapping[str, float]) -> str | None:
     """The cache key of a request, or None when its answer must not be cached.
 
     ``body`` is the request body as parsed JSON. ``revision`` identifies the weights
-    (a new revision must not replay answers of the old one). Raises TypeError when
-    ``body`` holds values that parsed JSON cannot (a programming error, not a client one).
+    (a new revision must not replay answers of the old one); ``sampling_defaults`` are the
+    values the server fills in for sampling fields the body leaves out (a server started
+    with others must not replay these answers). Raises TypeError when ``body`` holds values
+    that parsed JSON cannot (a programming error, not a client one).
     """
-    if not isinstance(body, Mapping) or not is_cacheable(body):
+    if not isinstance(body, Mapping) or not is_cacheable(body, sampling_defaults["temperature"]):
         return None
     content = {k: v for k, v in body.items() if k not in DELIVERY_ONLY_FIELDS}
     try:
@@ -143,6 +145,7 @@ def cache_key(tenant: str, model: str, revision: str, endpoint: str, body: Mappi
             "model": model,
             "revision": revision,
             "endpoint": endpoint,
+            "sampling_defaults": dict(sampling_defaults),
             "body": content,
         })
     except _NotCanonical:

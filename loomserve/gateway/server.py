@@ -13,6 +13,7 @@ import uvicorn
 from loomserve.gateway.app import ModelInfo, create_app
 from loomserve.gateway.auth import KeyStore, RedisKeySource, load_keys_file
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.sampling_defaults import GenerationConfigError, load_sampling_defaults
 from loomserve.gateway.synthetic_tokenizer import synthetic_tokenizer_for
 from loomserve.gateway.tokenizer import eos_token_ids, load_tokenizer
 from loomserve.shared.config import GatewayConfig
@@ -75,7 +76,8 @@ def synthetic_model_info(config: GatewayConfig) -> ModelInfo:
     # The weights of a dummy model come from the worker's seed, which the gateway does not
     # know: the revision names the shape only.
     revision = model_revision(path) if path.is_dir() else f"dummy-{config.model.lower()}"
-    return ModelInfo(name, tokenizer, eos, revision)
+    return ModelInfo(name, tokenizer, eos, revision,
+                     load_sampling_defaults(config.generation_config, path if path.is_dir() else None))
 
 
 def load_model_info(config: GatewayConfig) -> ModelInfo:
@@ -84,7 +86,7 @@ def load_model_info(config: GatewayConfig) -> ModelInfo:
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     return ModelInfo(served_name(config, model_path), tokenizer, eos_token_ids(tokenizer, model_path),
-                     model_revision(model_path))
+                     model_revision(model_path), load_sampling_defaults(config.generation_config, model_path))
 
 
 def shared_listening_socket(host: str, port: int) -> socket.socket:
@@ -111,7 +113,12 @@ def shared_listening_socket(host: str, port: int) -> socket.socket:
 
 def serve_gateway(config: GatewayConfig) -> None:
     setup_tracing("loomserve-gateway", config.otlp_endpoint)
-    model = load_model_info(config)
+    try:
+        model = load_model_info(config)
+    except GenerationConfigError as e:
+        log.error("--generation-config: %s", e)
+        raise SystemExit(2) from e
+    log.info("requests that leave sampling fields out get %s", model.sampling_defaults.describe())
     if not config.redis_url:
         log.warning("no --redis-url: rate limits and the response cache live in this process and are not "
                     "shared with other gateway replicas")

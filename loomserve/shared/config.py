@@ -89,6 +89,9 @@ class GatewayConfig:
                           "llama-3.1-8b; synthetic: one generated at the model's vocabulary size and special ids",
                           choices=("auto", "synthetic"))
     served_model_name: str | None = _opt(None, "model name in the API (default: derived from --model)")
+    generation_config: str = _opt("auto", "sampling values for fields a request leaves out: auto (what the model "
+                                  "declares: generation_config.json, GGUF metadata, or the default model's card), "
+                                  "none (OpenAI's: temperature 1, top_p 1), or a JSON file of those fields")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest accepted request body")
     keys_file: str | None = _opt(None, "JSON file of API key digests and their tenants (none: the gateway is open)")
     redis_url: str | None = _opt(None, "Redis shared by gateway replicas: rate limits, response cache, keys",

@@ -21,6 +21,7 @@ import pytest
 from loomserve.gateway.app import ModelInfo, create_app
 from loomserve.gateway.auth import KeyStore, generate_key
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.sampling_defaults import load_sampling_defaults
 from loomserve.gateway.tokenizer import load_tokenizer
 from loomserve.shared.config import GatewayConfig
 from tests.otlp_receiver import OTLPReceiver
@@ -69,7 +70,8 @@ def _client(stack: ServeStack, key: str = KEY_A) -> openai.OpenAI:
 
 
 def test_every_route_needs_a_key_except_the_allowlist(secure: ServeStack, default_model_path: Path) -> None:
-    model = ModelInfo(MODEL, load_tokenizer(default_model_path), [2], "r")
+    model = ModelInfo(MODEL, load_tokenizer(default_model_path), [2], "r",
+                      load_sampling_defaults("auto", default_model_path))
     engine = EngineClient("tcp://127.0.0.1:9")  # never started: the app is only read for its routes
     app = create_app(GatewayConfig(), engine, model, KeyStore())
     routes = [(route.path, method) for route in app.routes for method in (route.methods or []) if method != "HEAD"]  # type: ignore[attr-defined]

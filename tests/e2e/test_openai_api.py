@@ -254,6 +254,32 @@ def test_bad_requests_get_openai_errors(stack: ServeStack, body: bytes, status: 
     assert set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("role", ["wizard", "User", ""])
+def test_a_chat_message_with_an_unknown_role_is_a_400(client: openai.OpenAI, role: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=4, messages=[
+            {"role": "user", "content": "Hi"}, {"role": role, "content": "Abracadabra"}])  # type: ignore[list-item,misc]
+    error = caught.value.body
+    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "messages[1].role" and error["type"] == "invalid_request_error"
+    assert f"messages[1].role is {role!r}" in error["message"] and "system, developer, user" in error["message"]
+
+
+def test_omitted_sampling_fields_take_the_models_declared_values(client: openai.OpenAI) -> None:
+    """The default model's card samples at temperature 0.2, top_p 0.9: a seeded request that
+    leaves both out draws exactly what one sending them draws, and not what OpenAI's 1.0 would."""
+    base: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 32,
+                            "extra_body": {"ignore_eos": True}}
+    differs_from_openai = []
+    for seed in (1, 2, 3):
+        omitted = client.completions.create(**base, seed=seed).choices[0].text
+        carded = client.completions.create(**base, seed=seed, temperature=0.2, top_p=0.9)
+        openai_default = client.completions.create(**base, seed=seed, temperature=1.0, top_p=1.0)
+        assert omitted == carded.choices[0].text
+        differs_from_openai.append(omitted != openai_default.choices[0].text)
+    assert any(differs_from_openai)
+
+
 def _raw_stream_then_close(port: int, body: dict[str, Any], chunks_before_close: int) -> None:
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:

@@ -31,6 +31,7 @@ from loomserve.gateway.response_cache import (
     replay_json,
     replay_sse,
 )
+from loomserve.gateway.sampling_defaults import OPENAI_DEFAULTS
 from tests.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
@@ -45,8 +46,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def key(body: dict[str, Any], tenant: str = "acme", model: str = "smol", revision: str = "r1",
-        endpoint: str = COMPLETIONS) -> str | None:
-    return cache_key(tenant, model, revision, endpoint, body)
+        endpoint: str = COMPLETIONS, defaults: dict[str, float] = OPENAI_DEFAULTS) -> str | None:
+    return cache_key(tenant, model, revision, endpoint, body, defaults)
 
 
 def answer(text: str = "Hello there", kind: rc.Kind = "completion", finish: str = "stop",
@@ -275,12 +276,23 @@ def test_nondeterministic_or_malformed_requests_are_not_cacheable(body: dict[str
     {"seed": -5, "temperature": 0.7, "n": 4},
 ])
 def test_greedy_or_seeded_requests_are_cacheable(body: dict[str, Any]) -> None:
-    assert is_cacheable(body)
+    assert is_cacheable(body, default_temperature=1.0)
     assert key(body) is not None
 
 
+def test_the_servers_sampling_defaults_decide_for_fields_the_body_leaves_out() -> None:
+    greedy_model = {**OPENAI_DEFAULTS, "temperature": 0.0}
+    assert key({"prompt": "x"}, defaults=greedy_model) is not None
+    assert key({"prompt": "x", "temperature": 0.5}, defaults=greedy_model) is None
+    carded = {**OPENAI_DEFAULTS, "temperature": 0.2, "top_p": 0.9}
+    assert key({"prompt": "x"}, defaults=carded) is None
+    seeded = {"prompt": "x", "seed": 3}
+    # The same body sampled under other defaults is another answer: never a hit across them.
+    assert len({key(seeded, defaults=d) for d in (OPENAI_DEFAULTS, carded, greedy_model)}) == 3
+
+
 def test_a_body_that_is_not_an_object_is_not_cacheable() -> None:
-    assert cache_key("t", "m", "r", COMPLETIONS, ["temperature", 0]) is None  # type: ignore[arg-type]
+    assert cache_key("t", "m", "r", COMPLETIONS, ["temperature", 0], OPENAI_DEFAULTS) is None  # type: ignore[arg-type]
 
 
 def test_a_body_that_is_not_parsed_json_is_a_programming_error() -> None:
