@@ -1,6 +1,6 @@
 """Who goes first and who is preempted: the waiting queue and the choice of victim.
 
-Policies (``--scheduling-policy``):
+Policies (``--policy``):
 
     fcfs      order by arrival time; priority values are ignored
     priority  order by (priority, arrival time); a lower value is served first
