@@ -66,9 +66,6 @@ class WaitingQueue:
         self.num_tokens -= request.num_tokens
         return True
 
-    def __contains__(self, request: Request) -> bool:
-        return request.request_id in self._members
-
     def __len__(self) -> int:
         return len(self._members)
 

@@ -80,9 +80,6 @@ def _choice_seed(seed: int, index: int) -> int:
 class SchedulerStats:
     num_steps: int = 0
     num_preemptions: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    num_rejected: int = 0
     num_scheduled_tokens: int = 0  # tokens computed (prompt and output), over all steps
     num_forks: int = 0  # requests of n > 1 split into their choices
     num_block_copies: int = 0  # partial blocks copied on write by those forks
@@ -204,7 +201,6 @@ class Scheduler:
             request = self.requests.get(request_id)
             ending = [request] if request is not None else list(self._children.get(request_id, ()))
             for request in ending:
-                self.stats.num_aborted += 1
                 self._finish(request, "abort")
                 outputs += [RequestOutput(i, [], "abort") for i in choice_request_ids(request.request_id, request.n)]
         return outputs
@@ -574,7 +570,6 @@ class Scheduler:
         del self.requests[request_id]
         if request.num_pending:
             self._draining[request_id] = request.num_pending
-        self.stats.num_finished += 1
         if request_id in self._known_to_worker:
             self._known_to_worker.discard(request_id)
             self._finished_since_plan.append(request_id)

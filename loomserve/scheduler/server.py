@@ -115,9 +115,8 @@ class _StepTimes:
 
 
 class SchedulerServer:
-    def __init__(self, config: SchedulerConfig, record_batches: bool = False) -> None:
+    def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._record_batches = record_batches
         self._ctx = zmq.Context()
         self._gateway_sock = self._ctx.socket(zmq.ROUTER)
         self._gateway_sock.setsockopt(zmq.LINGER, 0)
@@ -262,7 +261,6 @@ class SchedulerServer:
         try:
             self.scheduler.add_request(request)
         except AdmissionError as e:
-            self.scheduler.stats.num_rejected += 1
             self._open_choices.pop(msg.request_id, None)
             self._end_trace(msg.request_id, "error", e.error.message)
             self._reject(routing_id, msg, e.error)
@@ -424,7 +422,7 @@ class SchedulerServer:
             block_size=head.block_size,
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.config, kv_cache, head.max_model_len, self._record_batches)
+        self.scheduler = Scheduler(self.config, kv_cache, head.max_model_len)
         # The block pool is ~num_blocks long-lived objects that never form garbage cycles:
         # frozen, full collections no longer walk them (at 65k blocks a full collection
         # took ~24 ms, every few hundred steps).
