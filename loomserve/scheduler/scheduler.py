@@ -51,15 +51,14 @@ from dataclasses import dataclass, field
 import msgspec
 
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.plan_builder import PlanBuilder
 from loomserve.scheduler.policy import WaitingQueue, pick_victim
 from loomserve.scheduler.request import Request, RequestStatus
 from loomserve.shared.config import SchedulerConfig
 from loomserve.shared.messages import (
     CHOICE_SEPARATOR,
     BatchPlan,
-    CachedRequestData,
     ErrorInfo,
-    NewRequestData,
     RequestOutput,
     StepResult,
     TokenLogprobs,
@@ -112,22 +111,13 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         self._record_batches = record_batches
-        self._step_id = 0
-        # Requests that ended since the last plan; the worker drops their state.
-        self._finished_since_plan: list[str] = []
-        # Requests whose full data the worker holds (sent once in new_requests).
-        self._known_to_worker: set[str] = set()
-        # Admitted (or re-admitted after preemption) but not yet sent as new data.
-        self._needs_full_data: set[str] = set()
-        # Block ids allocated to a running request that no plan has carried yet.
-        self._unsent_blocks: dict[str, list[int]] = {}
+        self.plans = PlanBuilder()
         # Parallel sampling: requests of n > 1 not forked yet (waiting or running), the
-        # live choices of forked ones by parent id, the seats that running parents hold
-        # for their choices (n - 1 each), and the copies the next plan carries.
+        # live choices of forked ones by parent id, and the seats that running parents hold
+        # for their choices (n - 1 each).
         self._parents: dict[str, Request] = {}
         self._children: dict[str, list[Request]] = {}
         self._num_reserved_seqs = 0
-        self._block_copies: list[tuple[int, int]] = []
         # Ended requests with tokens still in flight: how many (their results are dropped).
         self._draining: dict[str, int] = {}
 
@@ -228,12 +218,8 @@ class Scheduler:
             self._finish(request, "error")
             outputs += [RequestOutput(i, [], "error", error=error)
                         for i in choice_request_ids(request.request_id, request.n)]
-        self._known_to_worker.clear()
-        self._finished_since_plan.clear()
+        self.plans.clear()
         self._draining.clear()
-        self._needs_full_data.clear()
-        self._unsent_blocks.clear()
-        self._block_copies.clear()
         return outputs
 
     # -- one step ------------------------------------------------------------
@@ -248,7 +234,7 @@ class Scheduler:
         scheduled_requests: list[Request] = []
         preemptions_before = self.stats.num_preemptions
         kv_cache = self.kv_cache
-        unsent = self._unsent_blocks
+        unsent = self.plans.unsent_blocks
         running = RequestStatus.RUNNING
         if self._parents:
             ready = [p for p in self._parents.values()
@@ -324,8 +310,7 @@ class Scheduler:
             head.num_computed_tokens = num_computed
             head.status = RequestStatus.RUNNING
             self.running.append(head)
-            unsent[head.request_id] = blocks
-            self._needs_full_data.add(head.request_id)
+            self.plans.send_whole(head.request_id, blocks)
             if head.n > 1:
                 self._num_reserved_seqs += head.n - 1
                 if num_left == 0:  # a one-token prompt, or all of it cached: fork now
@@ -339,54 +324,12 @@ class Scheduler:
 
         if not scheduled:
             return None
-        new_requests: list[NewRequestData] = []
-        cached_requests: list[CachedRequestData] = []
-        needs_full_data = self._needs_full_data
-        for request in scheduled_requests:
-            rid = request.request_id
-            blocks = unsent[rid]
-            if blocks:
-                unsent[rid] = []
-            else:
-                blocks = []  # not the list in unsent: later blocks are appended to that one
-            computed = request.num_computed_tokens
-            if rid in needs_full_data:
-                needs_full_data.discard(rid)
-                self._known_to_worker.add(rid)
-                new_requests.append(NewRequestData(
-                    request_id=rid,
-                    token_ids=list(request.token_ids),
-                    sampling=request.sampling,
-                    block_ids=blocks,
-                    num_computed_tokens=computed,
-                    traceparent=request.traceparent,
-                ))
-            else:
-                cached_requests.append(CachedRequestData(rid, blocks, computed))
-            # Progress counts from now: the next plan may come before this one's result.
-            computed += scheduled[rid]
-            request.num_computed_tokens = computed
-            if computed == len(request.token_ids) + request.num_pending and request.n == 1:
-                request.num_pending += 1  # all its tokens computed: the worker samples one
-        self._step_id += 1
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
         if self._record_batches:
             self.stats.batch_history.append(list(scheduled))
-        plan = BatchPlan(
-            step_id=self._step_id,
-            new_requests=new_requests,
-            cached_requests=cached_requests,
-            num_scheduled_tokens=scheduled,
-            finished_request_ids=self._finished_since_plan,
-            block_copies=self._block_copies,
-            lookahead=self.config.async_scheduling,
-        )
-        self._finished_since_plan = []
-        if self._block_copies:
-            self._block_copies = []
-        return plan
+        return self.plans.build(scheduled_requests, scheduled, lookahead=self.config.async_scheduling)
 
     def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
         """Split ``parent``, computed up to its last prompt token, into its n choices.
@@ -418,24 +361,21 @@ class Scheduler:
         for child in children[:-1]:
             copies = kv_cache.fork(parent, child)
             assert copies is not None, "free blocks for the copies were made above"
-            self._block_copies += copies
+            self.plans.copy_blocks(copies)
             self.stats.num_block_copies += len(copies)
         kv_cache.transfer(parent, children[-1])
 
         # The parent ends here without an output of its own; its choices go on.
         self.running.remove(parent)
-        del self.requests[parent_id], self._parents[parent_id], self._unsent_blocks[parent_id]
-        self._needs_full_data.discard(parent_id)
+        del self.requests[parent_id], self._parents[parent_id]
+        self.plans.stop_sending(parent_id)
+        self.plans.finish(parent_id)
         self._num_reserved_seqs -= parent.n - 1
         parent.status = RequestStatus.FINISHED
-        if parent_id in self._known_to_worker:
-            self._known_to_worker.discard(parent_id)
-            self._finished_since_plan.append(parent_id)
         for child in children:
             self.requests[child.request_id] = child
             self.running.append(child)
-            self._unsent_blocks[child.request_id] = kv_cache.get_block_ids(child.request_id)
-            self._needs_full_data.add(child.request_id)
+            self.plans.send_whole(child.request_id, kv_cache.get_block_ids(child.request_id))
         self._children[parent_id] = children
         self.stats.num_forks += 1
         return children
@@ -450,7 +390,7 @@ class Scheduler:
             blocks = self.kv_cache.allocate_slots(child, 1)
             if blocks is None:
                 break
-            self._unsent_blocks[child.request_id] += blocks
+            self.plans.unsent_blocks[child.request_id] += blocks
             scheduled[child.request_id] = 1
             scheduled_requests.append(child)
             budget -= 1
@@ -477,8 +417,7 @@ class Scheduler:
         self.running.remove(request)
         if request.n > 1:
             self._num_reserved_seqs -= request.n - 1
-        del self._unsent_blocks[request.request_id]
-        self._needs_full_data.discard(request.request_id)
+        self.plans.stop_sending(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -551,8 +490,7 @@ class Scheduler:
         request_id = request.request_id
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-            del self._unsent_blocks[request_id]
-            self._needs_full_data.discard(request_id)
+            self.plans.stop_sending(request_id)
             if request.n > 1:
                 self._num_reserved_seqs -= request.n - 1
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
@@ -570,9 +508,7 @@ class Scheduler:
         del self.requests[request_id]
         if request.num_pending:
             self._draining[request_id] = request.num_pending
-        if request_id in self._known_to_worker:
-            self._known_to_worker.discard(request_id)
-            self._finished_since_plan.append(request_id)
+        self.plans.finish(request_id)
 
     # -- introspection -------------------------------------------------------
 
