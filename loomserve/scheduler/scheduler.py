@@ -26,20 +26,8 @@ scheduled again; a request preempted with tokens in flight waits for them
 before it is re-admitted; and a request id whose tokens are still in flight
 after it ended is not taken again until they are back.
 
-Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once::
-
-    parent  P  tokens t0 .. t(L-2) computed, like any prompt (never sampled)
-       | fork, at the start of the step after (or at admission, if nothing is left)
-       v
-    P#0 .. P#(n-1)   each computes t(L-1) and samples its own first token from there
-
-The parent holds ``n`` of the ``max_num_seqs`` seats from its admission on. The
-fork shares every full block; the partial last block, if any, is copied on
-write for the first n-1 choices (``BatchPlan.block_copies``) and handed to the
-last one. The choices are new requests to the worker, with their computed
-tokens and block tables; from then on each is an ordinary request (it is
-preempted and recomputed alone). Choice ``i`` of a seeded request samples with
-``seed + i``.
+Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once, then
+forks it into its choices: see parallel_sampling.py.
 """
 
 from __future__ import annotations
@@ -48,9 +36,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import msgspec
-
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.parallel_sampling import ParallelSampling
 from loomserve.scheduler.plan_builder import PlanBuilder
 from loomserve.scheduler.policy import WaitingQueue, pick_victim
 from loomserve.scheduler.request import Request, RequestStatus
@@ -66,13 +53,6 @@ from loomserve.shared.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _choice_seed(seed: int, index: int) -> int:
-    """The seed of choice ``index``: ``seed + index``, wrapped past 2**64 (the sampler keeps
-    a seed's low 64 bits; the wire carries at most 64)."""
-    seed += index
-    return seed - 2**64 if seed >= 2**64 else seed
 
 
 @dataclass
@@ -112,12 +92,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._record_batches = record_batches
         self.plans = PlanBuilder()
-        # Parallel sampling: requests of n > 1 not forked yet (waiting or running), the
-        # live choices of forked ones by parent id, and the seats that running parents hold
-        # for their choices (n - 1 each).
-        self._parents: dict[str, Request] = {}
-        self._children: dict[str, list[Request]] = {}
-        self._num_reserved_seqs = 0
+        self.parallel = ParallelSampling(kv_cache)
         # Ended requests with tokens still in flight: how many (their results are dropped).
         self._draining: dict[str, int] = {}
 
@@ -154,20 +129,8 @@ class Scheduler:
                 f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
                 f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
             ))
-        if request.n > 1:
-            # The choices share the prompt's full blocks (all but the last prompt token's);
-            # each needs its own blocks from there to its end.
-            block_size = self.kv_cache.block_size
-            num_shared = (prompt_len - 1) // block_size
-            num_blocks = num_shared + request.n * (-(-total // block_size) - num_shared)
-            if num_blocks > self.kv_cache.num_blocks:
-                raise AdmissionError(ErrorInfo(
-                    400,
-                    f"n = {request.n} choices of {prompt_len} prompt tokens (shared) + "
-                    f"{request.sampling.max_tokens} max_tokens need {num_blocks} blocks of {block_size} tokens "
-                    f"and can never fit in the KV cache ({self.kv_cache.num_blocks} blocks, {capacity} tokens); "
-                    f"lower max_tokens or n",
-                ))
+        if request.n > 1 and (error := self.parallel.fit_error(request)) is not None:
+            raise AdmissionError(error)
         queued, queued_tokens = len(self.waiting), self.waiting.num_tokens
         if queued >= self.config.max_waiting_requests or queued_tokens + prompt_len > self.config.max_waiting_tokens:
             raise AdmissionError(ErrorInfo(
@@ -181,7 +144,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         if request.n > 1:
-            self._parents[request.request_id] = request
+            self.parallel.add(request)
         self.waiting.push(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -189,7 +152,7 @@ class Scheduler:
         outputs = []
         for request_id in request_ids:
             request = self.requests.get(request_id)
-            ending = [request] if request is not None else list(self._children.get(request_id, ()))
+            ending = [request] if request is not None else self.parallel.choices(request_id)
             for request in ending:
                 self._finish(request, "abort")
                 outputs += [RequestOutput(i, [], "abort") for i in choice_request_ids(request.request_id, request.n)]
@@ -236,12 +199,9 @@ class Scheduler:
         kv_cache = self.kv_cache
         unsent = self.plans.unsent_blocks
         running = RequestStatus.RUNNING
-        if self._parents:
-            ready = [p for p in self._parents.values()
-                     if p.status is running and p.num_computed_tokens == len(p.token_ids) - 1]
-            for parent in ready:
-                if parent.status is running:  # not preempted by the fork of another
-                    self._fork(parent, scheduled)
+        for parent in self.parallel.ready_to_fork():
+            if parent.status is running:  # not preempted by the fork of another
+                self._fork(parent, scheduled)
 
         # Decodes first, in running order, then the prefills. This loop runs once per
         # running sequence per step: it is kept to a few attribute reads per decode.
@@ -293,7 +253,7 @@ class Scheduler:
         max_num_seqs = self.config.max_num_seqs
         while admitting and (budget > 0 or static):
             head = self.waiting.peek()
-            if head is None or len(self.running) + self._num_reserved_seqs + head.n > max_num_seqs:
+            if head is None or len(self.running) + self.parallel.num_reserved_seqs + head.n > max_num_seqs:
                 break
             if head.num_pending:
                 break  # preempted with tokens in flight: it resumes once they are back
@@ -311,12 +271,11 @@ class Scheduler:
             head.status = RequestStatus.RUNNING
             self.running.append(head)
             self.plans.send_whole(head.request_id, blocks)
-            if head.n > 1:
-                self._num_reserved_seqs += head.n - 1
-                if num_left == 0:  # a one-token prompt, or all of it cached: fork now
-                    budget = self._schedule_new_choices(self._fork(head, scheduled), budget, scheduled,
-                                                        scheduled_requests)
-                    continue
+            self.parallel.hold_seats(head)
+            if head.n > 1 and num_left == 0:  # a one-token prompt, or all of it cached: fork now
+                budget = self._schedule_new_choices(self._fork(head, scheduled), budget, scheduled,
+                                                    scheduled_requests)
+                continue
             if num_new:
                 scheduled[head.request_id] = num_new
                 scheduled_requests.append(head)
@@ -332,52 +291,27 @@ class Scheduler:
         return self.plans.build(scheduled_requests, scheduled, lookahead=self.config.async_scheduling)
 
     def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
-        """Split ``parent``, computed up to its last prompt token, into its n choices.
-
-        A partial last block needs n - 1 free blocks for its copies: others are
-        preempted until they are free, or the parent is, if it is the policy's
-        victim (then no choice exists yet and [] is returned).
-        """
-        kv_cache = self.kv_cache
-        num_copies = parent.n - 1 if parent.num_computed_tokens % kv_cache.block_size else 0
-        while kv_cache.num_free_blocks < num_copies:
+        """Split ``parent`` into its choices (parallel_sampling.py), preempting others until the
+        blocks its partial block is copied to are free; [] if ``parent`` itself is the policy's victim."""
+        num_copies = self.parallel.num_copies(parent)
+        while self.kv_cache.num_free_blocks < num_copies:
             victim = pick_victim(self.config.policy, [r for r in self.running if r.request_id not in scheduled])
             self._preempt(victim)
             if victim is parent:
                 return []
-        parent_id = parent.request_id
-        children = []
-        for index, child_id in enumerate(choice_request_ids(parent_id, parent.n)):
-            sampling = parent.sampling
-            if sampling.seed is not None:
-                sampling = msgspec.structs.replace(sampling, seed=_choice_seed(sampling.seed, index))
-            children.append(Request(
-                request_id=child_id, prompt_token_ids=parent.prompt_token_ids, sampling=sampling,
-                arrival_time=parent.arrival_time, priority=parent.priority, cache_salt=parent.cache_salt,
-                traceparent=parent.traceparent, status=RequestStatus.RUNNING,
-                num_cached_tokens=parent.num_cached_tokens, max_num_tokens=parent.max_num_tokens,
-                first_scheduled_ns=parent.first_scheduled_ns, parent=parent,
-            ))
-        for child in children[:-1]:
-            copies = kv_cache.fork(parent, child)
-            assert copies is not None, "free blocks for the copies were made above"
-            self.plans.copy_blocks(copies)
-            self.stats.num_block_copies += len(copies)
-        kv_cache.transfer(parent, children[-1])
-
-        # The parent ends here without an output of its own; its choices go on.
+        children, copies = self.parallel.fork(parent)
+        self.plans.copy_blocks(copies)
+        self.stats.num_forks += 1
+        self.stats.num_block_copies += len(copies)
         self.running.remove(parent)
-        del self.requests[parent_id], self._parents[parent_id]
-        self.plans.stop_sending(parent_id)
-        self.plans.finish(parent_id)
-        self._num_reserved_seqs -= parent.n - 1
+        del self.requests[parent.request_id]
+        self.plans.stop_sending(parent.request_id)
+        self.plans.finish(parent.request_id)
         parent.status = RequestStatus.FINISHED
         for child in children:
             self.requests[child.request_id] = child
             self.running.append(child)
-            self.plans.send_whole(child.request_id, kv_cache.get_block_ids(child.request_id))
-        self._children[parent_id] = children
-        self.stats.num_forks += 1
+            self.plans.send_whole(child.request_id, self.kv_cache.get_block_ids(child.request_id))
         return children
 
     def _schedule_new_choices(self, children: list[Request], budget: int, scheduled: dict[str, int],
@@ -415,8 +349,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         self.running.remove(request)
-        if request.n > 1:
-            self._num_reserved_seqs -= request.n - 1
+        self.parallel.free_seats(request)
         self.plans.stop_sending(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -491,17 +424,10 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
             self.plans.stop_sending(request_id)
-            if request.n > 1:
-                self._num_reserved_seqs -= request.n - 1
+            self.parallel.free_seats(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
-        if request.n > 1:
-            del self._parents[request_id]
-        if request.parent is not None:
-            siblings = self._children[request.parent.request_id]
-            siblings.remove(request)
-            if not siblings:
-                del self._children[request.parent.request_id]
+        self.parallel.forget(request)
         self.kv_cache.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -526,9 +452,7 @@ class Scheduler:
             not self.requests
             and not self.running
             and len(self.waiting) == 0
-            and not self._parents
-            and not self._children
-            and self._num_reserved_seqs == 0
+            and self.parallel.is_empty()
             and not self._draining
             and self.kv_cache.num_used_blocks == 0
         )

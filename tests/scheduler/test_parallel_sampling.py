@@ -13,10 +13,111 @@ import random
 
 import pytest
 
+from loomserve.scheduler.kv_cache_manager import KVCacheManager
+from loomserve.scheduler.parallel_sampling import ParallelSampling, choice_seed
+from loomserve.scheduler.request import Request, RequestStatus
 from loomserve.scheduler.scheduler import AdmissionError
 from tests.scheduler.test_scheduler import assert_scheduler_empty, make, request, run
 
 BLOCK_SIZE = 4
+
+
+# -- the unit alone, over a KV cache manager ----------------------------------------
+
+
+def running_parent(kv: KVCacheManager, rid: str, prompt: list[int], n: int, seed: int | None = None) -> Request:
+    """A parent admitted and computed up to its last prompt token, as the scheduler leaves it."""
+    parent = request(rid, prompt, 6, n=n, seed=seed)
+    parent.max_num_tokens = len(prompt) + 6
+    assert kv.allocate_slots(parent, len(prompt) - 1) is not None
+    parent.num_computed_tokens = len(prompt) - 1
+    parent.status = RequestStatus.RUNNING
+    return parent
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one_for_all_but_the_last_choice() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE)
+    parallel = ParallelSampling(kv)
+    parent = running_parent(kv, "p", list(range(1, 11)), n=3, seed=5)  # 9 computed: blocks 0, 1 and 1/4 of 2
+    parallel.add(parent)
+    parallel.hold_seats(parent)
+    assert parallel.num_reserved_seqs == 2
+    assert parallel.ready_to_fork() == [parent]
+    assert parallel.num_copies(parent) == 2
+
+    children, copies = parallel.fork(parent)
+    assert copies == [(2, 3), (2, 4)]
+    assert [(c.request_id, kv.get_block_ids(c.request_id), c.num_computed_tokens, c.sampling.seed)
+            for c in children] == [("p#0", [0, 1, 3], 9, 5), ("p#1", [0, 1, 4], 9, 6), ("p#2", [0, 1, 2], 9, 7)]
+    assert all(c.parent is parent and c.status is RequestStatus.RUNNING and c.n == 1 for c in children)
+    assert kv.get_block_ids("p") == []  # the last choice took the parent's table
+    assert [block.ref_count for block in kv.pool.blocks[:5]] == [3, 3, 1, 1, 1]
+    assert parallel.num_reserved_seqs == 0 and parallel.parents == {} and parallel.ready_to_fork() == []
+    assert parallel.choices("p") == children
+    kv.check_invariants()
+
+    for child in children:
+        parallel.forget(child)
+        kv.free(child)
+    assert parallel.choices("p") == [] and parallel.is_empty()
+    assert kv.num_free_blocks == 16
+
+
+def test_a_block_aligned_prompt_forks_without_copies() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE)
+    parallel = ParallelSampling(kv)
+    parent = running_parent(kv, "p", list(range(1, 10)), n=3)  # 8 computed: blocks 0 and 1, full
+    parallel.add(parent)
+    assert parallel.num_copies(parent) == 0
+    children, copies = parallel.fork(parent)
+    assert copies == []
+    # No seed: the choices sample alike unless their sampling differs (greedy, here).
+    assert [(kv.get_block_ids(c.request_id), c.sampling.seed) for c in children] == [
+        ([0, 1], None), ([0, 1], None), ([0, 1], None)]
+    assert [block.ref_count for block in kv.pool.blocks[:3]] == [3, 3, 0]
+    kv.check_invariants()
+
+
+def test_only_running_parents_at_their_last_prompt_token_are_ready() -> None:
+    kv = KVCacheManager(16, BLOCK_SIZE)
+    parallel = ParallelSampling(kv)
+    ready = running_parent(kv, "ready", [1, 2, 3], n=2)
+    chunked = running_parent(kv, "chunked", [4, 5, 6, 7, 8], n=2)
+    chunked.num_computed_tokens = 2  # the rest of its prompt comes next step
+    waiting = request("waiting", [9, 9], 3, n=2)
+    for parent in (ready, chunked, waiting):
+        parallel.add(parent)
+    assert parallel.ready_to_fork() == [ready]
+    parallel.forget(waiting)
+    assert set(parallel.parents) == {"ready", "chunked"}
+
+
+def test_a_parent_holds_a_seat_per_choice_while_it_runs() -> None:
+    parallel = ParallelSampling(KVCacheManager(16, BLOCK_SIZE))
+    single, parent = request("one", [1], 3), request("p", [1], 3, n=4)
+    parallel.hold_seats(single)
+    parallel.hold_seats(parent)
+    assert parallel.num_reserved_seqs == 3
+    parallel.free_seats(parent)  # preempted: back to the queue, seats and all
+    parallel.free_seats(single)
+    assert parallel.num_reserved_seqs == 0
+
+
+def test_fit_error_counts_shared_prompt_blocks_once() -> None:
+    parallel = ParallelSampling(KVCacheManager(10, BLOCK_SIZE))
+    # 9 prompt tokens + 11 = 20 tokens, 5 blocks each; the first 2 blocks (8 tokens) are shared.
+    assert parallel.fit_error(request("two", list(range(9)), 11, n=2)) is None  # 2 + 2 x 3 = 8
+    error = parallel.fit_error(request("three", list(range(9)), 11, n=3))  # 2 + 3 x 3 = 11
+    assert error is not None and error.status == 400
+    assert "need 11 blocks of 4 tokens" in error.message and "(10 blocks, 40 tokens)" in error.message
+
+
+def test_choice_seeds_wrap_past_64_bits() -> None:
+    assert [choice_seed(7, i) for i in range(3)] == [7, 8, 9]
+    assert choice_seed(2**64 - 1, 1) == 0 and choice_seed(2**64 - 2, 3) == 1
+
+
+# -- through the scheduler --------------------------------------------------------------
 
 
 def separate(prompt: list[int], max_tokens: int, n: int, seed: int) -> dict[str, list[int]]:
