@@ -36,6 +36,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from loomserve.scheduler.batching import batching_policy
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
 from loomserve.scheduler.parallel_sampling import ParallelSampling
 from loomserve.scheduler.plan_builder import PlanBuilder
@@ -87,6 +88,7 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.waiting = WaitingQueue(config.policy)
+        self.batching = batching_policy(config.batching)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
@@ -244,14 +246,12 @@ class Scheduler:
             scheduled_requests.append(request)
             budget -= num_new
 
-        # After a preemption this step, admitting would only evict again. A static
-        # batch admits only into an empty engine, and admits its whole batch even
-        # when the budget is spent: the rest of the prompts are prefilled next steps.
-        static = self.config.batching == "static"
+        # After a preemption this step, admitting would only evict again.
         preempted_now = self.stats.num_preemptions > preemptions_before
-        admitting = not preempted_now and not (static and self.running)
+        admitting = not preempted_now and self.batching.may_admit(len(self.running))
+        past_budget = self.batching.admits_past_budget
         max_num_seqs = self.config.max_num_seqs
-        while admitting and (budget > 0 or static):
+        while admitting and (budget > 0 or past_budget):
             head = self.waiting.peek()
             if head is None or len(self.running) + self.parallel.num_reserved_seqs + head.n > max_num_seqs:
                 break

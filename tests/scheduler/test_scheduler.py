@@ -68,9 +68,10 @@ class TokenCacheWorker:
 
 
 def make(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8,
-         prefix_caching: bool = True, policy: str = "fcfs") -> tuple[Scheduler, TokenCacheWorker]:
+         prefix_caching: bool = True, policy: str = "fcfs", batching: str = "continuous",
+         ) -> tuple[Scheduler, TokenCacheWorker]:
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
-                             enable_prefix_caching=prefix_caching)
+                             enable_prefix_caching=prefix_caching, batching=batching)
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
     return Scheduler(config, kv, max_model_len=4096, record_batches=True), TokenCacheWorker(num_blocks, block_size)
 
@@ -282,8 +283,7 @@ def test_many_random_requests_with_aborts_leave_nothing_behind() -> None:
 
 
 def test_static_batching_admits_the_next_batch_only_when_the_whole_batch_ended() -> None:
-    sched, worker = make(max_seqs=3, budget=8)
-    sched.config = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=3, batching="static")
+    sched, worker = make(max_seqs=3, budget=8, batching="static")
     lengths = [2, 9, 4, 3, 3, 3]
     for i, n in enumerate(lengths):
         sched.add_request(request(f"r{i}", [i + 1] * 6, n, arrival=i))
