@@ -14,17 +14,8 @@ a KV block and none is free, the policy's victim is preempted: its blocks are
 freed and it goes back to the waiting queue, to be recomputed later (reusing
 what the prefix cache still holds).
 
-``schedule()`` produces one ``BatchPlan`` and advances the scheduled requests'
-``num_computed_tokens`` at once; a request that gets a token sampled counts it
-in ``num_pending`` until ``update_from_output()`` applies the worker group's
-``StepResult`` and appends it. So the next plan can be made before this one's
-result is back (asynchronous scheduling, ``SchedulerConfig.async_scheduling``):
-a decode then continues from a token only the workers know yet. What that
-costs: a request that samples a stop token has computed one token more, whose
-result is dropped; one whose pending tokens reach ``max_tokens`` is not
-scheduled again; a request preempted with tokens in flight waits for them
-before it is re-admitted; and a request id whose tokens are still in flight
-after it ended is not taken again until they are back.
+``schedule()`` produces one ``BatchPlan`` and commits it at once, so the next plan
+can be made before this one's result is back: see async_scheduling.py.
 
 Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once, then
 forks it into its choices: see parallel_sampling.py.
@@ -36,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from loomserve.scheduler.async_scheduling import InFlightTokens
 from loomserve.scheduler.batching import batching_policy
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
 from loomserve.scheduler.parallel_sampling import ParallelSampling
@@ -95,15 +87,13 @@ class Scheduler:
         self._record_batches = record_batches
         self.plans = PlanBuilder()
         self.parallel = ParallelSampling(kv_cache)
-        # Ended requests with tokens still in flight: how many (their results are dropped).
-        self._draining: dict[str, int] = {}
+        self.in_flight = InFlightTokens(lookahead=config.async_scheduling)
 
     # -- admission and abort -------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         """Queue ``request``, or raise AdmissionError if it can never run."""
-        if request.request_id in self.requests or (self._draining and any(
-                i in self._draining for i in choice_request_ids(request.request_id, request.n))):
+        if request.request_id in self.requests or self.in_flight.holds_any(request.request_id, request.n):
             raise AdmissionError(ErrorInfo(400, f"request id {request.request_id!r} is already in use"))
         if CHOICE_SEPARATOR in request.request_id:
             raise AdmissionError(ErrorInfo(
@@ -184,7 +174,7 @@ class Scheduler:
             outputs += [RequestOutput(i, [], "error", error=error)
                         for i in choice_request_ids(request.request_id, request.n)]
         self.plans.clear()
-        self._draining.clear()
+        self.in_flight.clear()
         return outputs
 
     # -- one step ------------------------------------------------------------
@@ -288,7 +278,7 @@ class Scheduler:
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
         if self._record_batches:
             self.stats.batch_history.append(list(scheduled))
-        return self.plans.build(scheduled_requests, scheduled, lookahead=self.config.async_scheduling)
+        return self.plans.build(scheduled_requests, scheduled, lookahead=self.in_flight.lookahead)
 
     def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
         """Split ``parent`` into its choices (parallel_sampling.py), preempting others until the
@@ -365,7 +355,6 @@ class Scheduler:
         """Append the tokens of a plan's result (plans are answered in order); return what
         the clients see. A request preempted since the plan still takes its token."""
         requests = self.requests
-        draining = self._draining
         outputs = []
         logprobs: list[list[TokenLogprobs] | None] = result.logprobs or [None] * len(result.request_ids)
         for request_id, token_ids, token_logprobs in zip(
@@ -373,10 +362,7 @@ class Scheduler:
         ):
             request = requests.get(request_id)
             if request is None:  # it ended (stop, abort) while this token was in flight
-                if draining:
-                    left = draining.pop(request_id, 0) - 1
-                    if left > 0:
-                        draining[request_id] = left
+                self.in_flight.drop_result(request_id)
                 continue
             request.num_pending -= 1
             if not token_ids:
@@ -432,8 +418,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request_id]
-        if request.num_pending:
-            self._draining[request_id] = request.num_pending
+        self.in_flight.ended(request)
         self.plans.finish(request_id)
 
     # -- introspection -------------------------------------------------------
@@ -453,6 +438,6 @@ class Scheduler:
             and not self.running
             and len(self.waiting) == 0
             and self.parallel.is_empty()
-            and not self._draining
+            and self.in_flight.is_empty()
             and self.kv_cache.num_used_blocks == 0
         )

@@ -13,9 +13,9 @@ from collections import deque
 
 import pytest
 
+from loomserve.scheduler.async_scheduling import InFlightTokens
 from loomserve.scheduler.request import RequestStatus
 from loomserve.scheduler.scheduler import AdmissionError, Scheduler
-from loomserve.shared.config import SchedulerConfig
 from loomserve.shared.messages import StepResult
 from tests.scheduler.test_scheduler import (
     VOCAB,
@@ -29,9 +29,7 @@ from tests.scheduler.test_scheduler import (
 
 
 def make_async(**kwargs: object) -> tuple[Scheduler, TokenCacheWorker]:
-    sched, worker = make(**kwargs)  # type: ignore[arg-type]
-    sched.config = SchedulerConfig(**{**sched.config.__dict__, "async_scheduling": True})
-    return sched, worker
+    return make(**kwargs, async_scheduling=True)  # type: ignore[arg-type]
 
 
 def run_async(sched: Scheduler, worker: TokenCacheWorker, depth: int = 2,
@@ -170,3 +168,29 @@ def test_random_requests_give_the_same_outputs_as_one_step_at_a_time(prefix_cach
     outputs = run_async(aborted, worker, abort_at={3: "r1", 6: "r0", 9: "r4"})
     assert set(outputs) == set(expected)
     assert_scheduler_empty(aborted)
+
+
+# -- the bookkeeping alone -------------------------------------------------------------
+
+
+def test_an_ended_request_holds_its_id_and_its_choices_ids_until_its_tokens_are_back() -> None:
+    in_flight = InFlightTokens(lookahead=True)
+    ended = request("a#1", [1, 2], max_tokens=4)
+    ended.num_pending = 2
+    in_flight.ended(ended)
+    in_flight.ended(request("b", [3], max_tokens=4))  # nothing in flight: nothing held
+    assert in_flight.holds_any("a#1", 1) and in_flight.holds_any("a", 2)  # a parent of choices a#0, a#1
+    assert not in_flight.holds_any("a", 1) and not in_flight.holds_any("b", 1)
+    in_flight.drop_result("a#1")
+    assert in_flight.holds_any("a", 2)
+    in_flight.drop_result("a#1")
+    assert not in_flight.holds_any("a", 2) and in_flight.is_empty()
+
+
+def test_clear_forgets_every_token_in_flight() -> None:
+    in_flight = InFlightTokens(lookahead=False)
+    ended = request("a", [1], max_tokens=4)
+    ended.num_pending = 1
+    in_flight.ended(ended)
+    in_flight.clear()
+    assert in_flight.is_empty() and not in_flight.holds_any("a", 1)

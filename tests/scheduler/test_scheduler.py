@@ -69,9 +69,10 @@ class TokenCacheWorker:
 
 def make(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8,
          prefix_caching: bool = True, policy: str = "fcfs", batching: str = "continuous",
-         ) -> tuple[Scheduler, TokenCacheWorker]:
+         async_scheduling: bool = False) -> tuple[Scheduler, TokenCacheWorker]:
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, policy=policy,
-                             enable_prefix_caching=prefix_caching, batching=batching)
+                             enable_prefix_caching=prefix_caching, batching=batching,
+                             async_scheduling=async_scheduling)
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
     return Scheduler(config, kv, max_model_len=4096, record_batches=True), TokenCacheWorker(num_blocks, block_size)
 
@@ -90,6 +91,7 @@ def run(sched: Scheduler, worker: TokenCacheWorker, max_steps: int = 10_000) -> 
             break
         assert sum(plan.num_scheduled_tokens.values()) <= sched.config.max_num_batched_tokens
         assert len(plan.num_scheduled_tokens) <= sched.config.max_num_seqs
+        assert plan.lookahead == sched.config.async_scheduling
         for out in sched.update_from_output(worker.execute(plan)):
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     return outputs
