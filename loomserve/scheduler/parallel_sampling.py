@@ -47,7 +47,9 @@ class ParallelSampling:
         self.num_reserved_seqs = 0  # seats held by running parents beyond their own: n - 1 each
 
     def fit_error(self, request: Request) -> ErrorInfo | None:
-        """Why the choices of ``request`` can never fit in the KV cache at once, or None."""
+        """Why the n > 1 choices of ``request`` can never fit in the KV cache at once, or None."""
+        if request.n == 1:
+            return None
         # The choices share the prompt's full blocks (all but the last prompt token's);
         # each needs its own blocks from there to its end.
         block_size = self.kv_cache.block_size
@@ -65,8 +67,10 @@ class ParallelSampling:
             f"{self.kv_cache.max_tokens_ever()} tokens); lower max_tokens or n",
         )
 
-    def add(self, parent: Request) -> None:
-        self.parents[parent.request_id] = parent
+    def add(self, request: Request) -> None:
+        """``request`` was queued: one of n > 1 choices waits for its fork."""
+        if request.n > 1:
+            self.parents[request.request_id] = request
 
     def hold_seats(self, request: Request) -> None:
         """``request`` started running: a parent takes the seats of all its choices."""

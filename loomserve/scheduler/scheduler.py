@@ -1,24 +1,23 @@
 """Iteration-level continuous batching under one token budget.
 
 Every step spends at most ``max_num_batched_tokens`` new tokens on at most
-``max_num_seqs`` sequences, in this order:
+``max_num_seqs`` sequences, in three phases:
 
-    1. running requests that decode (one token each),
-    2. running requests in the middle of a chunked prefill (or a recompute),
-    3. waiting requests, admitted in policy order while budget, sequences and
-       KV blocks last; a prompt longer than the budget left is split across steps.
+    1. running requests: the parents of parallel sampling that are ready fork into
+       their choices (parallel_sampling.py), then decodes take one token each and
+       requests in the middle of a chunked prefill (or a recompute) what is left;
+    2. waiting requests, if the batching policy lets them join (batching.py):
+       admitted in policy order while budget, seats and KV blocks last; a prompt
+       longer than the budget left is split across steps;
+    3. the plan (plan_builder.py): each request whole once, then only what changed.
+       Making it commits the step, so that the next plan can be made before this
+       one's result is back (async_scheduling.py).
 
 There are no prefill and decode phases: a long prompt only takes what the
 decodes leave, so running streams keep their pace. When a running request needs
 a KV block and none is free, the policy's victim is preempted: its blocks are
 freed and it goes back to the waiting queue, to be recomputed later (reusing
 what the prefix cache still holds).
-
-``schedule()`` produces one ``BatchPlan`` and commits it at once, so the next plan
-can be made before this one's result is back: see async_scheduling.py.
-
-Parallel sampling (a request of ``n`` > 1 choices) prefills the prompt once, then
-forks it into its choices: see parallel_sampling.py.
 """
 
 from __future__ import annotations
@@ -58,6 +57,21 @@ class SchedulerStats:
     max_batch_size: int = 0
     # Request ids of each step, kept only when tracing batches (tests, debugging).
     batch_history: list[list[str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Step:
+    """What the step being scheduled has taken so far."""
+
+    budget: int  # tokens left
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # by request id
+    requests: list[Request] = field(default_factory=list)  # the same requests, in order
+    preempted: bool = False  # a running request lost its blocks to make room
+
+    def add(self, request: Request, num_new: int) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_new
+        self.requests.append(request)
+        self.budget -= num_new
 
 
 class AdmissionError(Exception):
@@ -121,7 +135,7 @@ class Scheduler:
                 f"{prompt_len} prompt tokens + {request.sampling.max_tokens} max_tokens = {total} "
                 f"tokens can never fit in the KV cache ({capacity} tokens); lower max_tokens",
             ))
-        if request.n > 1 and (error := self.parallel.fit_error(request)) is not None:
+        if (error := self.parallel.fit_error(request)) is not None:
             raise AdmissionError(error)
         queued, queued_tokens = len(self.waiting), self.waiting.num_tokens
         if queued >= self.config.max_waiting_requests or queued_tokens + prompt_len > self.config.max_waiting_tokens:
@@ -135,8 +149,7 @@ class Scheduler:
         request.max_num_tokens = min(total, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        if request.n > 1:
-            self.parallel.add(request)
+        self.parallel.add(request)
         self.waiting.push(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -183,20 +196,49 @@ class Scheduler:
         return bool(self.running) or len(self.waiting) > 0
 
     def schedule(self) -> BatchPlan | None:
-        """Choose this step's tokens; None when there is nothing to compute."""
-        budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, int] = {}
-        scheduled_requests: list[Request] = []
-        preemptions_before = self.stats.num_preemptions
+        """Choose this step's tokens and commit them; None when there is nothing to compute."""
+        step = _Step(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        # After a preemption this step, admitting would only evict again.
+        if not step.preempted and self.batching.may_admit(len(self.running)):
+            self._admit_waiting(step)
+        return self._build_plan(step)
+
+    # -- 1. running requests ---------------------------------------------------
+
+    def _schedule_running(self, step: _Step) -> None:
+        """Fork the parents that are ready, then schedule the decodes, then the prefills
+        (chunked, or recomputing after a preemption)."""
+        for parent in self.parallel.ready_to_fork():
+            if parent.status is RequestStatus.RUNNING:  # not preempted by the fork of another
+                self._fork(parent, step)
+        for request in self._schedule_decodes(step):
+            if step.budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted to make room for another
+            num_left = len(request.token_ids) + request.num_pending - request.num_computed_tokens
+            if request.n > 1:
+                num_left -= 1  # a parent stops one token short: each choice computes the last one
+            num_new = min(num_left, step.budget)
+            blocks = self._allocate_or_preempt(request, num_new, step)
+            if blocks is not None:
+                self.plans.unsent_blocks[request.request_id] += blocks
+                step.add(request, num_new)
+
+    def _schedule_decodes(self, step: _Step) -> list[Request]:
+        """Give each running decode its token, in running order, while the budget lasts;
+        return the running requests that prefill instead.
+
+        This loop runs once per running sequence per step: it is kept to a few attribute
+        reads per decode. ``num_pending`` counts tokens still in flight (async_scheduling.py).
+        """
+        budget = step.budget
+        scheduled = step.num_scheduled_tokens
+        scheduled_requests = step.requests
         kv_cache = self.kv_cache
         unsent = self.plans.unsent_blocks
         running = RequestStatus.RUNNING
-        for parent in self.parallel.ready_to_fork():
-            if parent.status is running:  # not preempted by the fork of another
-                self._fork(parent, scheduled)
-
-        # Decodes first, in running order, then the prefills. This loop runs once per
-        # running sequence per step: it is kept to a few attribute reads per decode.
         prefilling = []
         for request in self.running[:]:  # a copy: preemption removes from self.running
             pending = request.num_pending
@@ -211,7 +253,7 @@ class Scheduler:
                 continue  # its last token is in flight
             blocks = kv_cache.allocate_slots(request, 1)
             if blocks is None:
-                blocks = self._allocate_or_preempt(request, 1, scheduled)
+                blocks = self._allocate_or_preempt(request, 1, step)
                 if blocks is None:
                     continue
             if blocks:
@@ -219,74 +261,17 @@ class Scheduler:
             scheduled[request.request_id] = 1
             scheduled_requests.append(request)
             budget -= 1
-        for request in prefilling:
-            if budget == 0:
-                break
-            if request.status is not running:
-                continue
-            num_left = len(request.token_ids) + request.num_pending - request.num_computed_tokens
-            if request.n > 1:
-                num_left -= 1  # a parent stops one token short: each choice computes the last one
-            num_new = min(num_left, budget)
-            blocks = self._allocate_or_preempt(request, num_new, scheduled)
-            if blocks is None:
-                continue
-            unsent[request.request_id] += blocks
-            scheduled[request.request_id] = num_new
-            scheduled_requests.append(request)
-            budget -= num_new
+        step.budget = budget
+        return prefilling
 
-        # After a preemption this step, admitting would only evict again.
-        preempted_now = self.stats.num_preemptions > preemptions_before
-        admitting = not preempted_now and self.batching.may_admit(len(self.running))
-        past_budget = self.batching.admits_past_budget
-        max_num_seqs = self.config.max_num_seqs
-        while admitting and (budget > 0 or past_budget):
-            head = self.waiting.peek()
-            if head is None or len(self.running) + self.parallel.num_reserved_seqs + head.n > max_num_seqs:
-                break
-            if head.num_pending:
-                break  # preempted with tokens in flight: it resumes once they are back
-            computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
-            num_left = head.num_tokens - num_computed - (1 if head.n > 1 else 0)
-            num_new = min(num_left, budget)
-            blocks = kv_cache.allocate_slots(head, num_new, computed_blocks)
-            if blocks is None:
-                break  # head of line waits for blocks; later arrivals do not jump it
-            self.waiting.pop()
-            if head.num_preemptions == 0:
-                head.num_cached_tokens = num_computed
-                head.first_scheduled_ns = time.time_ns()
-            head.num_computed_tokens = num_computed
-            head.status = RequestStatus.RUNNING
-            self.running.append(head)
-            self.plans.send_whole(head.request_id, blocks)
-            self.parallel.hold_seats(head)
-            if head.n > 1 and num_left == 0:  # a one-token prompt, or all of it cached: fork now
-                budget = self._schedule_new_choices(self._fork(head, scheduled), budget, scheduled,
-                                                    scheduled_requests)
-                continue
-            if num_new:
-                scheduled[head.request_id] = num_new
-                scheduled_requests.append(head)
-                budget -= num_new
-
-        if not scheduled:
-            return None
-        self.stats.num_steps += 1
-        self.stats.num_scheduled_tokens += self.config.max_num_batched_tokens - budget
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(scheduled))
-        if self._record_batches:
-            self.stats.batch_history.append(list(scheduled))
-        return self.plans.build(scheduled_requests, scheduled, lookahead=self.in_flight.lookahead)
-
-    def _fork(self, parent: Request, scheduled: dict[str, int]) -> list[Request]:
-        """Split ``parent`` into its choices (parallel_sampling.py), preempting others until the
-        blocks its partial block is copied to are free; [] if ``parent`` itself is the policy's victim."""
+    def _fork(self, parent: Request, step: _Step) -> list[Request]:
+        """Split ``parent`` into its running choices (parallel_sampling.py), preempting others
+        until the blocks its partial block is copied to are free; [] if ``parent`` itself is
+        the policy's victim. The parent ends here, without an output of its own."""
         num_copies = self.parallel.num_copies(parent)
         while self.kv_cache.num_free_blocks < num_copies:
-            victim = pick_victim(self.config.policy, [r for r in self.running if r.request_id not in scheduled])
-            self._preempt(victim)
+            victim = self._pick_victim(step)
+            self._preempt(victim, step)
             if victim is parent:
                 return []
         children, copies = self.parallel.fork(parent)
@@ -304,39 +289,24 @@ class Scheduler:
             self.plans.send_whole(child.request_id, self.kv_cache.get_block_ids(child.request_id))
         return children
 
-    def _schedule_new_choices(self, children: list[Request], budget: int, scheduled: dict[str, int],
-                              scheduled_requests: list[Request]) -> int:
-        """Schedule the last prompt token of choices forked at admission, while budget and
-        blocks last (no preemption: the rest go with the next step's decodes)."""
-        for child in children:
-            if budget == 0:
-                break
-            blocks = self.kv_cache.allocate_slots(child, 1)
-            if blocks is None:
-                break
-            self.plans.unsent_blocks[child.request_id] += blocks
-            scheduled[child.request_id] = 1
-            scheduled_requests.append(child)
-            budget -= 1
-        return budget
-
-    def _allocate_or_preempt(
-        self, request: Request, num_new: int, scheduled: dict[str, int]
-    ) -> list[int] | None:
-        """Allocate ``num_new`` slots for a running request, preempting others
-        (never one already scheduled this step) until it fits. Returns None if
-        ``request`` itself was the one preempted."""
+    def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
+        """Allocate ``num_new`` slots for a running request, preempting others (never one
+        already scheduled this step) until it fits. None if ``request`` itself was preempted."""
         while True:
             blocks = self.kv_cache.allocate_slots(request, num_new)
             if blocks is not None:
                 return blocks
-            candidates = [r for r in self.running if r.request_id not in scheduled]
-            victim = pick_victim(self.config.policy, candidates)
-            self._preempt(victim)
+            victim = self._pick_victim(step)
+            self._preempt(victim, step)
             if victim is request:
                 return None
 
-    def _preempt(self, request: Request) -> None:
+    def _pick_victim(self, step: _Step) -> Request:
+        """The running request that the policy would serve last, of those not scheduled this step."""
+        scheduled = step.num_scheduled_tokens
+        return pick_victim(self.config.policy, [r for r in self.running if r.request_id not in scheduled])
+
+    def _preempt(self, request: Request, step: _Step) -> None:
         self.kv_cache.free(request)
         self.running.remove(request)
         self.parallel.free_seats(request)
@@ -345,11 +315,78 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.preempted_ns.append(time.time_ns())
+        step.preempted = True
         self.stats.num_preemptions += 1
         # The worker keeps its sampling state (a seeded generator continues) but
         # must be sent the request's tokens and new blocks again on resumption.
         self.waiting.push(request)
         log.debug("preempted %s after %d tokens", request.request_id, request.num_tokens)
+
+    # -- 2. waiting requests ---------------------------------------------------
+
+    def _admit_waiting(self, step: _Step) -> None:
+        """Admit waiting requests in policy order while budget (unless the batching policy
+        admits past it), seats and KV blocks last. The head of the line waits for blocks:
+        later arrivals do not jump it."""
+        kv_cache = self.kv_cache
+        max_num_seqs = self.config.max_num_seqs
+        past_budget = self.batching.admits_past_budget
+        while step.budget > 0 or past_budget:
+            head = self.waiting.peek()
+            if head is None or len(self.running) + self.parallel.num_reserved_seqs + head.n > max_num_seqs:
+                return
+            if head.num_pending:
+                return  # preempted with tokens in flight: it resumes once they are back
+            computed_blocks, num_computed = kv_cache.get_computed_blocks(head)
+            num_left = head.num_tokens - num_computed - (1 if head.n > 1 else 0)  # a parent stops one short
+            num_new = min(num_left, step.budget)
+            blocks = kv_cache.allocate_slots(head, num_new, computed_blocks)
+            if blocks is None:
+                return
+            self._start_running(head, num_computed, blocks)
+            if head.n > 1 and num_left == 0:  # a one-token prompt, or all of it cached: fork now
+                self._schedule_new_choices(self._fork(head, step), step)
+            elif num_new:
+                step.add(head, num_new)
+
+    def _start_running(self, request: Request, num_computed: int, block_ids: list[int]) -> None:
+        """Move the head of the waiting queue to the running requests, with its first blocks."""
+        self.waiting.pop()
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_computed
+            request.first_scheduled_ns = time.time_ns()
+        request.num_computed_tokens = num_computed
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.plans.send_whole(request.request_id, block_ids)
+        self.parallel.hold_seats(request)
+
+    def _schedule_new_choices(self, children: list[Request], step: _Step) -> None:
+        """Schedule the last prompt token of choices forked at admission, while budget and
+        blocks last (no preemption: the rest go with the next step's decodes)."""
+        for child in children:
+            if step.budget == 0:
+                return
+            blocks = self.kv_cache.allocate_slots(child, 1)
+            if blocks is None:
+                return
+            self.plans.unsent_blocks[child.request_id] += blocks
+            step.add(child, 1)
+
+    # -- 3. the plan -----------------------------------------------------------
+
+    def _build_plan(self, step: _Step) -> BatchPlan | None:
+        if not step.requests:
+            return None
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_scheduled_tokens += self.config.max_num_batched_tokens - step.budget
+        stats.max_batch_size = max(stats.max_batch_size, len(step.requests))
+        if self._record_batches:
+            stats.batch_history.append(list(step.num_scheduled_tokens))
+        return self.plans.build(step.requests, step.num_scheduled_tokens, self.in_flight.lookahead)
+
+    # -- results ---------------------------------------------------------------
 
     def update_from_output(self, result: StepResult) -> list[RequestOutput]:
         """Append the tokens of a plan's result (plans are answered in order); return what
