@@ -11,7 +11,7 @@ them to hold its result). What that costs, and where it is paid:
     --------------------------------------------------------  -------------------------------
     a request that samples a stop token has computed one      its result is dropped
     token more                                                (InFlightTokens.drop_result)
-    one whose pending tokens reach max_tokens is not          Scheduler._schedule_running
+    one whose pending tokens reach max_tokens is not          Scheduler._schedule_decodes
     scheduled again
     a request preempted with tokens in flight waits for       Scheduler._admit_waiting
     them before it is re-admitted
