@@ -18,7 +18,7 @@ import random
 import pytest
 
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
-from loomserve.scheduler.request import Request
+from loomserve.scheduler.request import Request, RequestStatus
 from loomserve.scheduler.scheduler import AdmissionError, Scheduler
 from loomserve.shared.config import SchedulerConfig
 from loomserve.shared.messages import BatchPlan, SamplingParams, StepResult
@@ -359,4 +359,30 @@ def test_a_head_of_line_request_retried_every_step_is_one_prefix_cache_query() -
     outputs = run(sched, worker)
     assert len(outputs["second"]) == 2
     assert sched.kv_cache.prefix_cache_queries == 12 + 10
+    assert_scheduler_empty(sched)
+
+
+def test_no_request_is_admitted_in_a_step_that_preempted_one() -> None:
+    # Three blocks of 4 and two seats: a and b take a block each, c waits for a seat; at
+    # position 4 both a and b need a second block, and b, the lowest priority, is preempted.
+    sched, worker = make(num_blocks=3, block_size=4, budget=16, max_seqs=2, policy="priority")
+    sched.add_request(request("a", [1, 2, 3], 6, priority=0))
+    sched.add_request(request("b", [4, 5, 6], 6, priority=5))
+    for step in range(2):
+        plan = sched.schedule()
+        assert plan is not None and set(plan.num_scheduled_tokens) == {"a", "b"}
+        sched.update_from_output(worker.execute(plan))
+        if step == 0:
+            sched.add_request(request("c", [7], 2, priority=1))
+    plan = sched.schedule()
+    assert plan is not None and plan.num_scheduled_tokens == {"a": 1}
+    assert sched.requests["b"].status is RequestStatus.PREEMPTED
+    # c, now at the head of the line, would have a seat and a free block, but admitting
+    # in the step that evicted would only evict again.
+    assert sched.num_running == 1 and sched.kv_cache.num_free_blocks == 1
+    sched.update_from_output(worker.execute(plan))
+    plan = sched.schedule()
+    assert plan is not None and plan.num_scheduled_tokens == {"a": 1, "c": 1}
+    sched.update_from_output(worker.execute(plan))
+    run(sched, worker)
     assert_scheduler_empty(sched)
