@@ -10,8 +10,6 @@ layer. Projections are ``worker.parallel.Linear`` layers; under tensor paralleli
 (``worker.parallel``) each rank builds the same network with its share of the
 heads and features, the row-parallel projections, embedding and LM head being
 the parallel layer classes of that module, so the forward passes do not change.
-The fused ``qkv_proj`` and ``gate_up_proj`` record their (local) part sizes
-(``qkv_sizes``, ``gate_up_sizes``).
 
 The elementwise stages (RMSNorm with its residual add, rotary embedding,
 SiLU-and-multiply) are layer classes too, and the projections' product a
@@ -270,8 +268,8 @@ class LlamaAttention(nn.Module):
         self.num_heads = tp.split(config.num_heads, "num_heads")
         self.num_kv_heads, _ = tp.kv_heads(config.num_kv_heads, config.num_heads)
         self.head_dim = d = config.head_dim
-        self.qkv_sizes = (self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
-        self.qkv_proj = Linear(config.hidden_size, sum(self.qkv_sizes), config.attention_bias, matmul)
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * d
+        self.qkv_proj = Linear(config.hidden_size, qkv_size, config.attention_bias, matmul)
         self.o_proj = row_parallel_linear(
             config.q_size, config.hidden_size, config.attention_out_bias, tp, matmul
         )
@@ -302,7 +300,6 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, ops: LayerOps, tp: TensorParallel, matmul: Matmul) -> None:
         super().__init__()
         local = tp.split(config.intermediate_size, "intermediate_size")
-        self.gate_up_sizes = (local, local)
         self.gate_up_proj = Linear(config.hidden_size, 2 * local, False, matmul)
         self.act = ops.activation()
         self.down_proj = row_parallel_linear(config.intermediate_size, config.hidden_size, False, tp, matmul)
@@ -352,7 +349,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.ops = ops
         self.tp = tp
         matmul = ops.matmul()
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, tp)
