@@ -11,9 +11,10 @@ from loomserve.kernels.gemv import linear as gemv_linear
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 from loomserve.worker.attention.triton_backend import TritonAttentionBackend
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.loader.dummy import fill_dummy_weights
 from loomserve.worker.model_config import ModelConfig
-from loomserve.worker.models.llama import TORCH_OPS, TRITON_OPS, allocate_kv_caches, build_model
+from loomserve.worker.models.llama import TORCH_OPS, TRITON_OPS, build_model
 from loomserve.worker.parallel import Linear
 
 CONFIG = ModelConfig.from_hf_config(

@@ -24,8 +24,8 @@ from loomserve.shared.messages import BatchPlan, CachedRequestData, NewRequestDa
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.model_runner import ModelRunner, PinnedSlots
-from loomserve.worker.models.llama import allocate_kv_caches
 
 if not torch.cuda.is_available():
     # The Triton backend test below runs the kernels under the interpreter, which must

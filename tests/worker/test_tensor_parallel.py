@@ -33,8 +33,9 @@ from loomserve.shared.messages import SamplingParams
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.device import DeviceInfo
 from loomserve.worker.group import parse_ranks
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.loader import load_model
-from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.models.llama import LlamaForCausalLM
 from loomserve.worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port

@@ -587,32 +587,3 @@ class WeightFiller:
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{self.source}: checkpoint lacks {len(missing)} weights: {shown}")
-
-
-def kv_cache_bytes_per_block(
-    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
-) -> int:
-    """Bytes one KV block takes over all layers (keys and values) of ``num_kv_heads``
-    heads (default: all of the model's; a tensor-parallel rank holds its own share)."""
-    heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
-    per_layer = 2 * block_size * heads * config.head_dim * dtype.itemsize
-    return per_layer * config.num_layers
-
-
-def allocate_kv_caches(
-    config: ModelConfig,
-    num_blocks: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    num_kv_heads: int | None = None,
-) -> list[torch.Tensor]:
-    """One zeroed (2, num_blocks, block_size, KV, D) cache per layer, KV being
-    ``num_kv_heads`` (default: the model's).
-
-    Zeroed rather than empty: attention multiplies masked-out slots by a zero
-    weight, and a NaN left in fresh memory would still poison the result.
-    """
-    heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
-    shape = (2, num_blocks, block_size, heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
