@@ -39,7 +39,7 @@ from loomserve.worker.models.llama import LlamaForCausalLM
 from loomserve.worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port
-from tests.worker.test_loaders import widen_weights, write_gguf
+from tests.worker.loader.test_loaders import widen_weights, write_gguf
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
