@@ -45,8 +45,8 @@ from loomserve.kernels.gemv import linear as gemv_linear
 from loomserve.local_engine import LocalEngine
 from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.worker.cuda_graphs import DecodeGraphs
-from loomserve.worker.models.llama import TritonRotary
-from loomserve.worker.parallel import Linear, Matmul
+from loomserve.worker.layers.linear import Linear, Matmul, UnquantizedLinearMethod
+from loomserve.worker.layers.rotary import TritonRotary
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 
@@ -91,7 +91,7 @@ def use_variant(engine: LocalEngine, variant: Variant) -> None:
     runner = engine.runner
     for module in runner.model.modules():
         if isinstance(module, Linear):
-            module.matmul = variant.matmul
+            module.method = UnquantizedLinearMethod(variant.matmul)
         elif isinstance(module, TritonRotary):
             module.writes_kv_cache = variant.fused_kv_write
     old = runner.graphs

@@ -56,8 +56,8 @@ from bench.workloads import rag_workload
 from loomserve.local_engine import LocalEngine
 from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.shared.messages import SamplingParams, StepResult
+from loomserve.worker.kv_cache import kv_cache_bytes_per_block
 from loomserve.worker.model_runner import LaunchedStep, ModelRunner
-from loomserve.worker.models.llama import kv_cache_bytes_per_block
 
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 DEFAULT_REQUESTS = {"llama-3.2-1b": 256, "llama-3.1-8b": 128}

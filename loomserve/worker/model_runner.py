@@ -59,8 +59,8 @@ from loomserve.worker.cuda_graphs import (
     pad_decode_batch,
 )
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from loomserve.worker.loader import load_model
-from loomserve.worker.models.llama import allocate_kv_caches, kv_cache_bytes_per_block
 from loomserve.worker.parallel import SINGLE, TensorParallel
 from loomserve.worker.sampler import PendingSample, SamplingState, sample, sample_async
 

@@ -1,32 +1,27 @@
-"""Tensor parallelism (Megatron-style) for the Llama-shaped models.
+"""Tensor parallelism (Megatron-style): a rank's place in its group, and the collectives.
 
 A worker group of ``size`` ranks holds one model: every rank keeps a slice of
 each large weight and of the KV cache, and the ranks exchange activations at
-two points per layer.
+two points per layer. The layers that split the work are in ``worker.layers``:
 
-* **Column-parallel** projections (q/k/v, gate/up) keep a slice of the output
-  features: each rank computes its own heads and its own slice of the MLP's
-  intermediate features, with no communication. These are plain :class:`Linear`
-  of the local size.
+* **Column-parallel** projections (q/k/v, gate/up; ``layers.linear``) keep a
+  slice of the output features: each rank computes its own heads and its own
+  slice of the MLP's intermediate features, with no communication.
 * **Row-parallel** projections (attention output, down) keep the matching slice
   of the input features; each rank's product is a partial sum of the full one,
-  so an all-reduce follows (:class:`RowParallelLinear`).
-* **Vocabulary-parallel** embedding and LM head keep a contiguous range of the
-  vocabulary (padded to a multiple of ``size``): the embedding zeroes the rows
-  of ids outside the rank's range and all-reduces, the LM head all-gathers its
-  logits (:class:`VocabParallelEmbedding`, :class:`ParallelLMHead`).
+  so an all-reduce follows.
+* **Vocabulary-parallel** embedding and LM head (``layers.embedding``) keep a
+  contiguous range of the vocabulary (padded to a multiple of ``size``): the
+  embedding zeroes the rows of ids outside the rank's range and all-reduces, the
+  LM head all-gathers its logits.
 * Query heads are split evenly; key/value heads too when there are at least
   as many as ranks, otherwise each one is replicated on ``size / kv_heads``
   ranks (the ranks whose query heads read it), see :meth:`TensorParallel.kv_heads`.
 
-Every projection computes its product through the ``matmul`` it was built with:
-``F.linear``, or on a GPU a function that sends one-row inputs to a
-matrix-vector kernel (``kernels.gemv.linear``).
-
 With ``size == 1`` the model is built from plain layers and never calls
 ``torch.distributed``. Weights are loaded slice by slice: :class:`Shard` says
-which part of a checkpoint tensor a rank keeps, so no rank holds the whole
-model (one checkpoint tensor at a time at most).
+which part of a checkpoint tensor a rank keeps (``worker.loader.weights``), so
+no rank holds the whole model (one checkpoint tensor at a time at most).
 
 The ranks meet through ``torch.distributed`` (NCCL between GPUs, gloo on the
 CPU) at a TCP rendezvous address, so they may run on several hosts.
@@ -35,23 +30,17 @@ CPU) at a TCP rendezvous address, so they may run on several hosts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 log = logging.getLogger(__name__)
 
 # How long a rank waits for the others at start-up and in a collective. A rank
 # that dies is noticed sooner: its group launcher stops the others.
 _DIST_TIMEOUT = timedelta(minutes=10)
-
-# ``F.linear``'s signature: (input, weight, bias) -> input @ weight.T + bias.
-Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -165,84 +154,3 @@ def destroy_tensor_parallel(tp: TensorParallel) -> None:
     collectives live in CUDA graphs hung on an H200 host."""
     if tp.size > 1 and dist.is_initialized() and dist.get_backend(tp.group) == "gloo":
         dist.destroy_process_group()
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose product is ``matmul`` (``F.linear`` unless told otherwise)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, matmul: Matmul = F.linear) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.matmul = matmul
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.weight, self.bias)
-
-
-class RowParallelLinear(Linear):
-    """:class:`Linear` over this rank's slice of the input features; the partial products
-    are summed over the ranks, then the (replicated) bias is added once."""
-
-    def __init__(
-        self, local_in_features: int, out_features: int, bias: bool, tp: TensorParallel, matmul: Matmul
-    ) -> None:
-        super().__init__(local_in_features, out_features, bias, matmul)
-        self.tp = tp
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(self.matmul(x, self.weight, None))
-        return out if self.bias is None else out + self.bias
-
-
-def row_parallel_linear(
-    in_features: int, out_features: int, bias: bool, tp: TensorParallel, matmul: Matmul = F.linear
-) -> Linear:
-    """A plain :class:`Linear` for a group of one, else :class:`RowParallelLinear`."""
-    if tp.size == 1:
-        return Linear(in_features, out_features, bias, matmul)
-    return RowParallelLinear(tp.split(in_features, "input features"), out_features, bias, tp, matmul)
-
-
-class VocabParallelEmbedding(nn.Embedding):
-    """The embedding rows of this rank's vocabulary range; ids outside it give zeros,
-    and the all-reduce adds the one rank's row that holds each id."""
-
-    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel) -> None:
-        per_rank, shard = tp.vocab_shard(vocab_size)
-        super().__init__(per_rank, dim, _weight=torch.empty(per_rank, dim))
-        self.tp = tp
-        self.vocab_start = shard.start
-        self.vocab_len = shard.length
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (T,) -> (T, dim)
-        local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.vocab_len)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0.0))
-
-
-class ParallelLMHead(Linear):
-    """The LM head rows of this rank's vocabulary range; the logits of all ranks are
-    gathered, so every rank sees the whole (N, vocab) row."""
-
-    def __init__(self, dim: int, vocab_size: int, tp: TensorParallel, matmul: Matmul) -> None:
-        per_rank, _ = tp.vocab_shard(vocab_size)
-        super().__init__(dim, per_rank, False, matmul)
-        self.tp = tp
-        self.vocab_size = vocab_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, dim) -> (N, vocab)
-        return self.tp.all_gather_last_dim(self.matmul(x, self.weight, None))[..., : self.vocab_size]
-
-
-def embedding(vocab_size: int, dim: int, tp: TensorParallel) -> nn.Embedding:
-    if tp.size == 1:
-        # An explicit weight skips nn.Embedding's random init, which on the meta
-        # device (see build_model) costs seconds of one-off setup in torch.
-        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
-    return VocabParallelEmbedding(vocab_size, dim, tp)
-
-
-def lm_head(dim: int, vocab_size: int, tp: TensorParallel, matmul: Matmul = F.linear) -> Linear:
-    if tp.size == 1:
-        return Linear(dim, vocab_size, False, matmul)
-    return ParallelLMHead(dim, vocab_size, tp, matmul)

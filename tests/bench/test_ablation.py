@@ -10,8 +10,8 @@ from bench import ablation
 from bench.ablation import ROWS, Budget, RowContext, ShapeCosts, parse_per_row, serve_argv, settings_json
 from loomserve.shared.config import WorkerConfig
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import kv_cache_bytes_per_block
 from loomserve.worker.model_runner import ModelRunner
-from loomserve.worker.models.llama import kv_cache_bytes_per_block
 
 
 def test_per_row_values():

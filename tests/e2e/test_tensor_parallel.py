@@ -34,7 +34,7 @@ import torch
 from loomserve.gateway.tokenizer import load_tokenizer
 from tests.e2e.reference import Greedy, assert_greedy_close
 from tests.stack import ServeStack, descendants, kill_mid_stream, pid_alive
-from tests.worker.test_loaders import widen_weights
+from tests.worker.loader.test_loaders import widen_weights
 
 transformers = pytest.importorskip("transformers")
 

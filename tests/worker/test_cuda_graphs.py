@@ -43,9 +43,10 @@ from loomserve.worker.cuda_graphs import (
     pad_decode_batch,
 )
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.loader import load_model
 from loomserve.worker.model_runner import LaunchedStep, ModelRunner
-from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.models.llama import LlamaForCausalLM
 
 ON_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")

@@ -24,8 +24,8 @@ from loomserve.shared.messages import BatchPlan, CachedRequestData, NewRequestDa
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.model_runner import ModelRunner, PinnedSlots
-from loomserve.worker.models.llama import allocate_kv_caches
 
 if not torch.cuda.is_available():
     # The Triton backend test below runs the kernels under the interpreter, which must
@@ -35,7 +35,7 @@ if not torch.cuda.is_available():
 BLOCK_SIZE = 4
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
-# Tokenised with the model's own tokenizer (as in test_llama_model).
+# Tokenised with the model's own tokenizer (as in models/test_llama.py).
 PROMPTS = {
     "france": [504, 3575, 282, 4649, 314],
     "code": [1604, 3987, 46477, 24, 94, 727, 472, 1620, 14362, 260, 304, 29, 373, 24681, 46477, 1230, 7996, 198],

@@ -7,6 +7,8 @@
   replicates each KV head on two ranks), with biases on q/k/v and on the
   row-parallel o_proj, tied and untied embeddings, and a vocabulary that does not
   divide evenly;
+* a linear method that lays its weight out along other axes (``tests/worker/layers/
+  test_linear.py``) loads each rank's slices along them and gives the same logits;
 * greedy generation through the engine (scheduler + model runner on every rank,
   rank 0 sampling) gives the same tokens at TP = 1, 2 and 4;
 * on two GPUs (marked ``gpu``): the same over NCCL in bf16 with the Triton
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from loomserve.local_engine import LocalEngine
 from loomserve.scheduler.request import Request
@@ -33,12 +37,17 @@ from loomserve.shared.messages import SamplingParams
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.device import DeviceInfo
 from loomserve.worker.group import parse_ranks
+from loomserve.worker.kv_cache import allocate_kv_caches
+from loomserve.worker.layers.ops import default_layer_ops
 from loomserve.worker.loader import load_model
-from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.loader.build import build_model
+from loomserve.worker.loader.safetensors_loader import read_hf_config
+from loomserve.worker.models.llama import LlamaForCausalLM
 from loomserve.worker.parallel import Shard, TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from tests.e2e.reference import NEAR_TIE_NATS
 from tests.stack import free_port
-from tests.worker.test_loaders import widen_weights, write_gguf
+from tests.worker.layers.test_linear import TransposedLinearMethod, fill_transposed
+from tests.worker.loader.test_loaders import widen_weights, write_gguf
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -155,6 +164,13 @@ def _run_rank(rank: int, size: int, address: str, workdir: str, device_type: str
         dummy, _ = load_model(work / name, load_format="dummy", seed=5, tp=tp, device=device, dtype=info.dtype,
                               attn_backend=info.attention_backend())
         results[f"{name}/dummy"] = _logits(dummy, TOKENS)
+        if not MODELS[name]["tie_word_embeddings"]:  # a tied head shares the embedding's (vocab, hidden) layout
+            # A linear method of other weight axes: each rank cuts the checkpoint along them.
+            ops = dataclasses.replace(default_layer_ops(device), linear=TransposedLinearMethod)
+            toy = build_model(read_hf_config(work / name), info.attention_backend(), dtype=info.dtype, device=device,
+                              ops=ops, tp=tp)
+            fill_transposed(toy, load_file(work / name / "model.safetensors"))
+            results[f"{name}/transposed-method"] = _logits(toy, TOKENS)
     results["generate"] = _generate(work / "kv2_bias_tied", tp, device)
     if rank == 0:
         torch.save(results, work / f"tp{size}-{device_type}.pt")
@@ -205,6 +221,11 @@ def _assert_same_logits(group: dict[str, Any], single: dict[str, Any], rel: floa
             continue
         diff = (group[key].float() - want.float()).abs().max().item()
         assert diff < rel * max(1.0, want.abs().max().item()), f"{key}: max abs logit difference {diff:.2e}"
+
+
+def test_a_linear_method_with_other_weight_axes_gives_the_same_logits(single: dict[str, Any]) -> None:
+    _assert_same_logits({"toy": single["kv4_untied/transposed-method"]}, {"toy": single["kv4_untied/safetensors"]},
+                        1e-5)
 
 
 @pytest.mark.parametrize("size", [2, 4])

@@ -4,6 +4,9 @@
 gradients off, and its ``ModelConfig``. Every problem with the input (missing
 file, unknown format, unsupported architecture or quant type, missing weight)
 is a ``ValueError`` that says what is wrong and what is supported.
+
+Every loader builds an empty model (``build``) and fills it by checkpoint name
+through ``weights.WeightFiller``, which keeps this rank's slice of each tensor.
 """
 
 from __future__ import annotations

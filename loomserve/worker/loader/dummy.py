@@ -20,9 +20,11 @@ import torch
 
 from loomserve.shared.dummy_shapes import DUMMY_SHAPES
 from loomserve.worker.attention.base import AttentionBackend
+from loomserve.worker.loader.build import build_model
 from loomserve.worker.loader.safetensors_loader import read_hf_config
+from loomserve.worker.loader.weights import WeightFiller
 from loomserve.worker.model_config import ModelConfig
-from loomserve.worker.models.llama import LlamaForCausalLM, WeightFiller, build_model
+from loomserve.worker.models.llama import LlamaForCausalLM
 from loomserve.worker.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)

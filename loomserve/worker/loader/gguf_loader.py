@@ -30,8 +30,10 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from loomserve.worker.attention.base import AttentionBackend
+from loomserve.worker.loader.build import build_model
+from loomserve.worker.loader.weights import WeightFiller
 from loomserve.worker.model_config import ModelConfig
-from loomserve.worker.models.llama import LlamaForCausalLM, WeightFiller, build_model
+from loomserve.worker.models.llama import LlamaForCausalLM
 from loomserve.worker.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.kv_cache import allocate_kv_caches
 from loomserve.worker.loader import DUMMY_SHAPES, load_model
 from loomserve.worker.loader.dummy import dummy_config
 from loomserve.worker.loader.gguf_loader import tensor_to_torch, unpermute_rope_rows
 from loomserve.worker.model_config import ModelConfig, llama3_freq_factors
-from loomserve.worker.models.llama import LlamaForCausalLM, allocate_kv_caches
+from loomserve.worker.models.llama import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

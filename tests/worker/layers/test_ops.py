@@ -11,10 +11,12 @@ from loomserve.kernels.gemv import linear as gemv_linear
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.attention.torch_backend import TorchAttentionBackend
 from loomserve.worker.attention.triton_backend import TritonAttentionBackend
+from loomserve.worker.kv_cache import allocate_kv_caches
+from loomserve.worker.layers.linear import GemvLinearMethod, Linear
+from loomserve.worker.layers.ops import TORCH_OPS, TRITON_OPS
+from loomserve.worker.loader.build import build_model
 from loomserve.worker.loader.dummy import fill_dummy_weights
 from loomserve.worker.model_config import ModelConfig
-from loomserve.worker.models.llama import TORCH_OPS, TRITON_OPS, allocate_kv_caches, build_model
-from loomserve.worker.parallel import Linear
 
 CONFIG = ModelConfig.from_hf_config(
     {
@@ -85,7 +87,7 @@ def test_triton_ops_match_torch_ops_for_one_row_and_several(backend):
     model.load_state_dict(reference.state_dict())
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * CONFIG.num_layers + 1
-    assert all(m.matmul is gemv_linear for m in linears)
+    assert all(isinstance(m.method, GemvLinearMethod) and m.method.matmul is gemv_linear for m in linears)
 
     caches = {
         name: allocate_kv_caches(CONFIG, 16, BLOCK_SIZE, torch.float32, DEVICE) for name in ("ours", "reference")

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from loomserve.worker.attention.base import AttentionMetadata
+from loomserve.worker.kv_cache import allocate_kv_caches
+from loomserve.worker.layers.rotary import rope_inv_freq
 from loomserve.worker.loader import load_model
 from loomserve.worker.loader.dummy import DUMMY_SHAPES, dummy_config
-from loomserve.worker.models.llama import allocate_kv_caches, rope_inv_freq
 
 # Hugging Face reference vs ours, fp32; we see about 5e-5 on logits of magnitude ~30.
 ATOL = 1e-3
