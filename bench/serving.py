@@ -51,25 +51,23 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import platform
-import shlex
-import socket
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import numpy as np
 
+from bench.harness import plots
+from bench.harness.cli import add_output_json, new_parser, setup_logging
+from bench.harness.metadata import command_line, run_metadata
 from bench.harness.metrics import BenchMetrics, LatencySummary, RequestOutcome, compute_metrics
+from bench.harness.results import write_chart, write_json
 from bench.workloads import (
     DEFAULT_VOCAB_SIZE,
     SYNTHETIC_WORKLOADS,
@@ -298,7 +296,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             metrics.output_len_mismatches,
         )
     client_cpu_s = parent_cpu_s + sum(run.cpu_s for run in runs)
-    return BenchResult(config, model, run_metadata(config), metrics, outcomes, client_cpu_s, window)
+    return BenchResult(config, model, run_metadata(config.command), metrics, outcomes, client_cpu_s, window)
 
 
 @dataclass(frozen=True)
@@ -486,19 +484,6 @@ async def _send_requests(
     return ShardRun(outcomes, first_send, last_response, time.process_time() - cpu_before)
 
 
-def run_metadata(config: BenchConfig) -> dict[str, Any]:
-    commit, dirty = _git_state()
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": config.command,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 class _Progress:
     """Logs every tenth of the run, so long benchmarks show they are moving."""
 
@@ -635,35 +620,37 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def _git_state() -> tuple[str | None, bool | None]:
-    """The checkout's commit and whether it has uncommitted changes (None where unknown)."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    sha = commit.stdout.strip() if commit.returncode == 0 else None
-    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-    return sha, dirty
+def latency_chart(title: str, runs: Mapping[str, Mapping[str, Any]]) -> plots.Chart | None:
+    """The distributions of TTFT and TPOT over the completed requests of ``bench.serving``
+    results (their JSON), one curve per label; None where no request completed."""
+    panels = []
+    for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+        curves = tuple(plots.cdf(label, [r[key] for r in run["requests"] if r["error"] is None and r[key] is not None])
+                       for label, run in runs.items())
+        samples = [x for curve in curves for x in curve.x]
+        if samples:
+            # Queueing spreads TTFT over orders of magnitude: a log axis keeps the fast ones visible.
+            panels.append(plots.Panel(f"{name} distribution", f"{name} (ms)", "fraction of requests",
+                                      curves, style="step", logx=max(samples) > 20 * max(min(samples), 1e-3)))
+    return plots.Chart(title, tuple(panels)) if panels else None
 
 
-def _redacted_command(argv: Sequence[str]) -> str:
-    """The command line as run, with the API key masked: result files get shared."""
-    words = list(argv)
-    for i, word in enumerate(words):
-        if word == "--api-key" and i + 1 < len(words):
-            words[i + 1] = "***"
-        elif word.startswith("--api-key="):
-            words[i] = "--api-key=***"
-    return shlex.join(words)
+def describe_load(result: Mapping[str, Any]) -> str:
+    """``rag, 200 requests, concurrency 32, all at once`` from a result's JSON."""
+    config, workload = result["config"], result["workload"]
+    rate = "all at once" if config["request_rate"] is None else f"{config['request_rate']:g} requests/s"
+    return (f"{workload['name']}, {workload['num_requests']} requests, "
+            f"concurrency {config['concurrency'] or 'unlimited'}, {rate}")
+
+
+def figure(result: Mapping[str, Any]) -> plots.Chart | None:
+    """The chart of a result file: its TTFT and TPOT distributions."""
+    title = f"{result['label'] or result['config']['model']}: {describe_load(result)}"
+    return latency_chart(title, {result["label"] or "requests": result})
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serving",
-        description="Benchmark an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, throughput).",
-    )
+    parser = new_parser("bench.serving", "Benchmark an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, throughput).")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server root URL")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINT_PATHS), default="completions")
     parser.add_argument("--api-key", default=None, help="sent as a Bearer token")
@@ -713,7 +700,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="processes sending the requests, dealt round-robin (default: 1, this process)",
     )
-    parser.add_argument("--output-json", type=Path, default=None, help="write results here")
+    add_output_json(parser)
     parser.add_argument("--label", default=None, help="a name for this run in the results")
     return parser.parse_args(argv)
 
@@ -729,9 +716,7 @@ def _load_tokenizer(name: str | None) -> TextTokenizer | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: thousands of lines that would bury the progress.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging()
     num_requests = args.num_requests
     if num_requests is None and args.workload in SYNTHETIC_WORKLOADS:
         num_requests = DEFAULT_NUM_REQUESTS
@@ -758,9 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_timeout_s=args.request_timeout,
             label=args.label,
             client_processes=args.client_processes,
-            command=_redacted_command(
-                [sys.executable, "-m", "bench.serving", *(sys.argv[1:] if argv is None else argv)]
-            ),
+            command=command_line("bench.serving", argv),
         )
         result = asyncio.run(run_benchmark(config))
     except (ValueError, RuntimeError, OSError) as exc:
@@ -768,8 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(result.format_table())
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        summary = result.to_json()
+        write_json(args.output_json, summary)
+        write_chart(args.output_json, figure(summary))
         print(f"\nresults written to {args.output_json}")
     return 0 if result.metrics.completed else 1
 
