@@ -737,7 +737,8 @@ def figure(result: dict[str, Any]) -> plots.Chart | None:
         )
         if rows:
             panels.append(plots.Panel(f"{shape['shape']} (rag)", "output tokens/s", "TTFT p50 to p95 (ms)", rows,
-                                      logx=True, logy=True))
+                                      logx=plots.wide([x for s in rows for x in s.x]),
+                                      logy=plots.wide([y for s in rows for y in s.y])))
     if not panels:
         return None
     return plots.Chart(f"Batching ablation: {result['device']}, {result['date']}", tuple(panels))

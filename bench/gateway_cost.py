@@ -178,24 +178,27 @@ def format_table(results: list[GatewayCost]) -> str:
 def figure(report: dict[str, Any]) -> plots.Chart:
     """Throughput, latency and CPU per token against the number of concurrent streams."""
     rows = report["results"]
-    streams = [r["concurrency"] for r in rows]
+    streams = tuple(r["concurrency"] for r in rows)
+    logx = plots.wide(streams)
 
     def curve(label: str, values: list[float | None]) -> plots.Series:
         return plots.series(label, list(zip(streams, values, strict=True)))
 
+    latency = (
+        curve("TTFT p50", [r["ttft_ms_p50"] for r in rows]),
+        curve("TTFT p99", [r["ttft_ms_p99"] for r in rows]),
+        curve("ITL p50", [r["itl_ms_p50"] for r in rows]),
+        curve("ITL p99", [r["itl_ms_p99"] for r in rows]),
+    )
     return plots.Chart(f"Gateway and scheduler with an echo worker ({report['metadata']['date']})", (
         plots.Panel("streamed tokens", "concurrent streams", "tokens/s",
-                    (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=True, xticks=tuple(streams)),
-        plots.Panel("latency", "concurrent streams", "ms", (
-            curve("TTFT p50", [r["ttft_ms_p50"] for r in rows]),
-            curve("TTFT p99", [r["ttft_ms_p99"] for r in rows]),
-            curve("ITL p50", [r["itl_ms_p50"] for r in rows]),
-            curve("ITL p99", [r["itl_ms_p99"] for r in rows]),
-        ), logx=True, logy=True, xticks=tuple(streams)),
+                    (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=logx, xticks=streams),
+        plots.Panel("latency", "concurrent streams", "ms", latency, logx=logx,
+                    logy=plots.wide([y for s in latency for y in s.y]), xticks=streams),
         plots.Panel("CPU per streamed token", "concurrent streams", "µs", tuple(
             curve(name, [r["cpu_us_per_token"].get(name) for r in rows])
             for name in ("gateway", "scheduler", "echo-worker", "client")
-        ), logx=True, xticks=tuple(streams)),
+        ), logx=logx, xticks=streams),
     ))
 
 

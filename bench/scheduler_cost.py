@@ -404,7 +404,7 @@ def format_table(results: list[StepCost]) -> str:
 def figure(report: dict[str, Any]) -> plots.Chart:
     """Step time and throughput against the number of running sequences."""
     rows = report["results"]
-    seqs = [r["num_seqs"] for r in rows]
+    seqs = tuple(r["num_seqs"] for r in rows)
 
     def curve(label: str, values: list[float | None]) -> plots.Series:
         return plots.series(label, list(zip(seqs, values, strict=True)))
@@ -416,9 +416,9 @@ def figure(report: dict[str, Any]) -> plots.Chart:
         curve("scheduler CPU", [r["scheduler_cpu_us_per_step"] for r in rows]),
         curve("echo worker CPU", [r["worker_cpu_us_per_step"] for r in rows]),
         curve("scheduler in process, p50", in_process),
-    ), logx=True, xticks=tuple(seqs))
+    ), logx=plots.wide(seqs), xticks=seqs)
     tokens = plots.Panel("tokens out of the scheduler", "running sequences", "tokens/s",
-                         (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=True, xticks=tuple(seqs))
+                         (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=plots.wide(seqs), xticks=seqs)
     return plots.Chart(f"Scheduler cost per step ({report['metadata']['date']})", (step, tokens))
 
 

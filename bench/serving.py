@@ -629,9 +629,9 @@ def latency_chart(title: str, runs: Mapping[str, Mapping[str, Any]]) -> plots.Ch
                        for label, run in runs.items())
         samples = [x for curve in curves for x in curve.x]
         if samples:
-            # Queueing spreads TTFT over orders of magnitude: a log axis keeps the fast ones visible.
+            # Queueing can spread TTFT over orders of magnitude: then a log axis shows the fast ones.
             panels.append(plots.Panel(f"{name} distribution", f"{name} (ms)", "fraction of requests",
-                                      curves, style="step", logx=max(samples) > 20 * max(min(samples), 1e-3)))
+                                      curves, style="step", logx=plots.wide(samples)))
     return plots.Chart(title, tuple(panels)) if panels else None
 
 
