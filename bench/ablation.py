@@ -66,22 +66,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import gc
-import importlib.metadata
 import importlib.util
 import inspect
 import itertools
-import json
 import logging
 import math
 import os
-import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +83,36 @@ import httpx
 import numpy as np
 import torch
 
-from bench import gpu_engine
-from bench.scheduler_cost import ProcessGroup
-from bench.serving import BenchConfig, RequestOutcome, _git_state, compute_metrics, run_benchmark
-from bench.workloads import BenchRequest, Workload, rag_workload
+from bench.harness import plots
+from bench.harness.cli import cuda_available, elapsed_s, new_parser, progress, setup_logging
+from bench.harness.device_memory import free_device_memory, gpu_bytes_in_use, wait_gpu_released
+from bench.harness.engine import (
+    BATCH1_PROMPT,
+    BATCH1_TOKENS,
+    BENCH_SHAPES,
+    MAX_MODEL_LEN,
+    SMOKE_SHAPE,
+    WARMUP_MAX_SEQS,
+    ExecuteTimes,
+    batch1_decode,
+    run_workload,
+    summarise,
+    warmup_requests,
+)
+from bench.harness.gpu_sampler import GpuSampler
+from bench.harness.metadata import command_line, git_state, library_versions, utc_timestamp
+from bench.harness.metrics import RequestOutcome, compute_metrics
+from bench.harness.model_costs import ShapeCosts
+from bench.harness.processes import ProcessGroup
+from bench.harness.readiness import free_port
+from bench.harness.results import write_chart, write_json
+from bench.harness.rooflines import COPY_BYTES, copy_bandwidth, matmul_peak_flops
+from bench.harness.stacks import start_serve
+from bench.harness.stats import median_gap
+from bench.serving import BenchConfig, run_benchmark
+from bench.workloads import TokenRequest, Workload, rag_workload, token_requests, token_workload
 from loomserve.shared.config import SchedulerConfig, WorkerConfig, parse_bool
 from loomserve.shared.dummy_shapes import DUMMY_SHAPES
-from loomserve.worker.model_config import ModelConfig
 
 log = logging.getLogger("bench.ablation")
 
@@ -108,24 +125,11 @@ ROW_TITLES = {
     "loomserve-continuous": "loomserve HTTP, continuous batching",
     "engine": "loomserve engine alone, continuous",
 }
-SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
-SMOKE_SHAPE = "llama-tiny"
-MAX_MODEL_LEN = 8192
-BATCH1_PROMPT = gpu_engine.BATCH1_PROMPT  # 512
-BATCH1_TOKENS = gpu_engine.BATCH1_TOKENS  # 256
-NVML_INTERVAL_S = 0.1
 # A server gets the rest of its row's time to become healthy, but at least this long.
 SERVER_START_MIN_S = 60.0
 # A row's share of the time left is this many times an even split, so that rows which finish
 # early leave their time to the later ones, and one slow row cannot take all of it.
 ROW_SHARE = 1.6
-
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _started:6.1f} s] {message}", flush=True)
-
 
 # -- settings ------------------------------------------------------------------------------------
 
@@ -179,10 +183,9 @@ def parse_per_row(values: Sequence[str], default: int, flag: str) -> dict[str, i
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
-    parser = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("bench.ablation", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="JSON results, rewritten after every row")
-    parser.add_argument("--shapes", nargs="+", default=None, help=f"dummy shapes, in order (default: {SHAPES})")
+    parser.add_argument("--shapes", nargs="+", default=None, help=f"dummy shapes, in order (default: {BENCH_SHAPES})")
     parser.add_argument("--rows", nargs="+", default=None, choices=ROWS, metavar="ROW",
                         help=f"rows to run, in this order (default: all: {' '.join(ROWS)})")
     parser.add_argument("--num-requests", nargs="+", default=[], metavar="N|ROW=N",
@@ -222,7 +225,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     smoke = args.smoke
     try:
         settings = Settings(
-            shapes=tuple(args.shapes or ((SMOKE_SHAPE,) if smoke else SHAPES)),
+            shapes=tuple(args.shapes or ((SMOKE_SHAPE,) if smoke else BENCH_SHAPES)),
             rows=tuple(args.rows or ROWS),
             num_requests=parse_per_row(args.num_requests, 8 if smoke else 128, "--num-requests"),
             max_output_len=parse_per_row(args.max_output_len, 24 if smoke else 512, "--max-output-len"),
@@ -239,7 +242,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
             max_model_len=1024 if smoke else MAX_MODEL_LEN,
             smoke=smoke,
             matmul_size=512 if smoke else 8192,
-            copy_bytes=(64 << 20) if smoke else gpu_engine.COPY_BYTES,
+            copy_bytes=(64 << 20) if smoke else COPY_BYTES,
             kv_cache_gb=0.25,
             tp=args.tp,
             gateway_workers=args.gateway_workers,
@@ -258,174 +261,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     return args, settings
 
 
-# -- what the machine can do ---------------------------------------------------------------------
-
-
-def _timed(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median seconds of ``fn`` after three warm-ups (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1000.0)
-        else:
-            begin_s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin_s)
-    return statistics.median(times)
-
-
-def matmul_peak_flops(device: str, dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of one ``n`` x ``n`` matrix product in ``dtype``."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    out = torch.empty(n, n, dtype=dtype, device=device)
-    return 2.0 * n**3 / _timed(lambda: torch.matmul(a, b, out=out), device, 10)
-
-
-def copy_bandwidth(settings: Settings) -> float:
-    """Bytes read plus written per second by a device-to-device copy (bench.gpu_engine's on a GPU)."""
-    if settings.device == "cuda":
-        return gpu_engine.copy_bandwidth(torch.device("cuda"), settings.copy_bytes)
-    src = torch.randint(0, 256, (settings.copy_bytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return 2 * settings.copy_bytes / _timed(lambda: dst.copy_(src), "cpu", 5)
-
-
-class GpuSampler:
-    """NVML utilization.gpu and memory in use, sampled by a thread every ``interval_s`` while
-    inside ``with``: of the GPU torch uses, or with ``num_devices`` > 1 the mean over GPUs
-    0 to ``num_devices`` - 1 (a tensor-parallel group; memory: the largest). Where NVML cannot
-    be had (no pynvml, no NVIDIA driver) it samples nothing and ``error`` says why; nothing
-    else fails."""
-
-    def __init__(self, num_devices: int = 1, interval_s: float = NVML_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self.error: str | None = None
-        self.util: list[float] = []
-        self.times: list[float] = []  # time.perf_counter() of each util sample
-        self.mem_used: list[int] = []
-        self._handles: list[Any] = []
-        self._nvml: Any = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = ([self._device_handle(pynvml)] if num_devices == 1 else
-                             [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(num_devices)])
-        except ImportError:
-            self.error = "pynvml is not installed (pip install nvidia-ml-py): GPU utilisation not sampled"
-        except Exception as exc:  # NVMLError and its many subclasses: no driver, no device
-            self.error = f"NVML unavailable ({type(exc).__name__}: {exc}): GPU utilisation not sampled"
-
-    @staticmethod
-    def _device_handle(pynvml: Any) -> Any:
-        """The handle of the GPU torch uses: by UUID, else the first visible index."""
-        if torch.cuda.is_available():
-            uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-            if uuid is not None:
-                with contextlib.suppress(Exception):
-                    return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        return pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
-
-    def __enter__(self) -> GpuSampler:
-        if self._handles:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._sample, name="nvml-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                nvml = self._nvml
-                self.util.append(float(np.mean([nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])))
-                self.times.append(time.perf_counter())
-                self.mem_used.append(max(int(nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles))
-            except Exception as exc:
-                self.error = f"NVML sampling failed: {exc}"
-                return
-            self._stop.wait(self.interval_s)
-
-    def summary(self, window: tuple[float, float] | None = None) -> dict[str, Any]:
-        """Mean utilisation over the samples taken inside ``window`` (``time.perf_counter()``
-        readings; None: all of them), so that what ran before the timed part (a benchmark's
-        client processes starting) does not dilute it."""
-        util = self.util if window is None else [u for u, t in zip(self.util, self.times, strict=True)
-                                                 if window[0] <= t <= window[1]]
-        return {
-            "gpu_util_mean_pct": float(np.mean(util)) if util else None,
-            "gpu_util_samples": len(util),
-            "gpu_mem_used_max_gib": max(self.mem_used) / (1 << 30) if self.mem_used else None,
-            "gpu_sampler_error": self.error,
-        }
-
-
-# -- model arithmetic ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShapeCosts:
-    """Parameter counts, FLOPs and decode bytes of one shape (Llama layout, no biases)."""
-
-    config: ModelConfig
-    bytes_per_param: int
-
-    @classmethod
-    def of(cls, shape: str, dtype: torch.dtype) -> ShapeCosts:
-        return cls(ModelConfig.from_hf_config(DUMMY_SHAPES[shape], name=shape), torch.finfo(dtype).bits // 8)
-
-    @property
-    def layer_linear_params(self) -> int:
-        c = self.config
-        return c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + 3 * c.hidden_size * (
-            c.intermediate_size)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.config.vocab_size * self.config.hidden_size
-
-    @property
-    def params(self) -> int:
-        c = self.config
-        norms = (2 * c.num_layers + 1) * c.hidden_size
-        lm_head = 0 if c.tie_word_embeddings else self.embedding_params
-        return self.embedding_params + c.num_layers * self.layer_linear_params + norms + lm_head
-
-    def request_flops(self, prompt_len: int, output_len: int) -> float:
-        """Useful FLOPs of one request (see the module docstring)."""
-        if output_len < 1:
-            return 0.0
-        c = self.config
-        processed = prompt_len + output_len - 1
-        linear = 2.0 * c.num_layers * self.layer_linear_params * processed
-        lm_head = 2.0 * self.embedding_params * output_len
-        attention = 4.0 * c.num_layers * c.q_size * processed * (processed + 1) / 2
-        return linear + lm_head + attention
-
-    def decode_bytes_per_step(self, context: float) -> float:
-        """Bytes one batch-1 decode step reads at a mean context (as bench.gpu_engine counts them)."""
-        c = self.config
-        weights = self.params - (0 if c.tie_word_embeddings else self.embedding_params)
-        kv_per_token = 2 * c.num_layers * c.kv_size
-        return (weights + context * kv_per_token) * self.bytes_per_param
-
-
 # -- rows ----------------------------------------------------------------------------------------
 
 
@@ -442,7 +277,7 @@ class RowRun:
     """What one row measured, before the derived columns."""
 
     outcomes: list[RequestOutcome] | None = None  # per request (HF and HTTP rows)
-    engine_stats: dict[str, Any] | None = None  # gpu_engine.summarise() of the engine row
+    engine_stats: dict[str, Any] | None = None  # harness.engine.summarise() of the engine row
     duration_s: float = 0.0
     gpu: dict[str, Any] = field(default_factory=dict)
     batch1_tokens_per_s: float | None = None
@@ -456,7 +291,7 @@ class RowContext:
     shape: str
     row: str
     costs: ShapeCosts
-    requests: list[tuple[list[int], int]]  # (prompt token ids, output length)
+    requests: list[TokenRequest]
     settings: Settings
     deadline: float  # time.perf_counter() by which the timed run should end
 
@@ -470,35 +305,8 @@ def batch1_prompt(vocab_size: int) -> list[int]:
 
 
 def median_gap_ms(times: Sequence[float]) -> float | None:
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    return statistics.median(gaps) * 1000.0 if gaps else None
-
-
-def free_device_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def gpu_bytes_in_use(device: str) -> int:
-    """Device memory in use by every process (0 on the CPU)."""
-    if device != "cuda":
-        return 0
-    free, total = torch.cuda.mem_get_info()
-    return int(total - free)
-
-
-def wait_gpu_released(device: str, baseline: int, timeout_s: float = 60.0) -> None:
-    """Wait until other processes (a stopped server's worker) have given their device memory
-    back, so that the next row sizes its KV cache on a free GPU."""
-    deadline = time.monotonic() + timeout_s
-    while gpu_bytes_in_use(device) > baseline + (1 << 30):
-        if time.monotonic() > deadline:
-            log.warning("%.1f GiB of device memory still in use %.0f s after the server stopped",
-                        gpu_bytes_in_use(device) / (1 << 30), timeout_s)
-            return
-        time.sleep(0.5)
+    gap = median_gap(times)
+    return None if gap is None else gap * 1000.0
 
 
 def build_hf_model(ctx: RowContext) -> Any:
@@ -519,8 +327,7 @@ def build_hf_model(ctx: RowContext) -> Any:
 def run_hf_static(ctx: RowContext) -> RowRun:
     from transformers import LogitsProcessorList
 
-    from bench.hf_baseline import StepClock
-    from bench.hf_baseline import run as hf_static_run
+    from bench.harness.hf_generate import StepClock, run_static_batches
 
     run = RowRun()
     begin = time.perf_counter()
@@ -530,7 +337,7 @@ def run_hf_static(ctx: RowContext) -> RowRun:
     with torch.inference_mode():
         # Warm-up: kernels and allocator for a small batch.
         warm = [[1] * 64, [2] * 32]
-        hf_static_run(model, warm, [8, 8], 2, 0, device=device)
+        run_static_batches(model, warm, [8, 8], 2, 0, device=device)
         clock = StepClock()
         ids = torch.tensor([batch1_prompt(ctx.costs.config.vocab_size)], device=device)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=BATCH1_TOKENS,
@@ -540,8 +347,8 @@ def run_hf_static(ctx: RowContext) -> RowRun:
     prompts = [p for p, _ in ctx.requests]
     lens = [n for _, n in ctx.requests]
     with GpuSampler() as gpu:
-        outcomes, duration = hf_static_run(model, prompts, lens, ctx.max_num_seqs, 0,
-                                           device=device, deadline=ctx.deadline)
+        outcomes, duration = run_static_batches(model, prompts, lens, ctx.max_num_seqs, 0,
+                                                device=device, deadline=ctx.deadline)
     run.outcomes, run.duration_s, run.gpu = outcomes, duration, gpu.summary()
     run.truncated = len(outcomes) < len(prompts)
     run.details["batch_size"] = ctx.max_num_seqs
@@ -662,46 +469,26 @@ def run_hf_continuous(ctx: RowContext) -> RowRun:
     return run
 
 
-def serve_argv(ctx: RowContext, batching: str, port: int) -> list[str]:
+def serve_options(ctx: RowContext, batching: str) -> list[str]:
+    """``loomserve serve``'s options for the row: the dummy model and the run's settings."""
     s = ctx.settings
-    argv = ["loomserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
-            "--model", ctx.shape, "--device", s.device, "--batching", batching, "--max-num-seqs", str(ctx.max_num_seqs),
-            "--max-model-len", str(s.max_model_len), "--response-cache", "false", "--seed", str(s.seed),
-            "--max-num-batched-tokens", str(s.max_num_batched_tokens),
-            "--async-scheduling", str(s.async_scheduling).lower(), "--kv-cache-dtype", s.kv_cache_dtype,
-            "--tp", str(s.tp)]
+    options = ["--load-format", "dummy", "--model", ctx.shape, "--device", s.device, "--batching", batching,
+               "--max-num-seqs", str(ctx.max_num_seqs), "--max-model-len", str(s.max_model_len),
+               "--response-cache", "false", "--seed", str(s.seed),
+               "--max-num-batched-tokens", str(s.max_num_batched_tokens),
+               "--async-scheduling", str(s.async_scheduling).lower(), "--kv-cache-dtype", s.kv_cache_dtype,
+               "--tp", str(s.tp)]
     if s.device == "cpu":
-        argv += ["--kv-cache-gb", str(s.kv_cache_gb)]
+        options += ["--kv-cache-gb", str(s.kv_cache_gb)]
     if s.cuda_graph_max_tokens is not None:
-        argv += ["--cuda-graph-max-tokens", str(s.cuda_graph_max_tokens)]
+        options += ["--cuda-graph-max-tokens", str(s.cuda_graph_max_tokens)]
     if s.gateway_workers > 1:
-        argv += ["--gateway-workers", str(s.gateway_workers)]
-    return argv
-
-
-def wait_healthy(group: ProcessGroup, base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=base_url, timeout=2.0) as client:
-        while True:
-            group.check_alive()
-            with contextlib.suppress(httpx.TransportError):
-                if client.get("/health").status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"loomserve was not healthy after {timeout_s:.0f} s:\n{group.log_tail('serve')}")
-            time.sleep(0.25)
-
-
-def workload_of(name: str, requests: Sequence[tuple[list[int], int]], params: dict[str, object]) -> Workload:
-    return Workload(name, tuple(BenchRequest(p, len(p), n) for p, n in requests), params)
+        options += ["--gateway-workers", str(s.gateway_workers)]
+    return options
 
 
 def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
-    from bench.gateway_cost import free_port
-
     run = RowRun()
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     free_device_memory(ctx.settings.device)
     baseline = gpu_bytes_in_use(ctx.settings.device)
     with contextlib.ExitStack() as cleanup:
@@ -709,9 +496,9 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
         cleanup.callback(wait_gpu_released, ctx.settings.device, baseline)
         group = cleanup.enter_context(ProcessGroup())
         begin = time.perf_counter()
-        group.spawn("serve", serve_argv(ctx, batching, port))
         try:
-            wait_healthy(group, base_url, max(SERVER_START_MIN_S, ctx.deadline - time.perf_counter()))
+            base_url = start_serve(group, free_port(), serve_options(ctx, batching),
+                                   max(SERVER_START_MIN_S, ctx.deadline - time.perf_counter()))
             run.details["startup_s"] = time.perf_counter() - begin
 
             def bench(workload: Workload, timeout_s: float) -> Any:
@@ -720,18 +507,15 @@ def run_loomserve_http(ctx: RowContext, batching: str) -> RowRun:
                                      client_processes=ctx.settings.client_processes)
                 return asyncio.run(run_benchmark(config))
 
-            rng = np.random.default_rng(0)
-            warm = [(rng.integers(0, 32000, n).tolist(), 8 + 4 * i) for i, n in enumerate(gpu_engine.WARMUP_PROMPTS)
-                    if n + 64 <= ctx.settings.max_model_len]
             begin = time.perf_counter()
-            bench(workload_of("warm-up", warm, {}), 300)
+            bench(token_workload("warm-up", warmup_requests(ctx.settings.max_model_len)), 300)
             run.details["warmup_s"] = time.perf_counter() - begin
-            single = bench(workload_of("batch-1", [(batch1_prompt(ctx.costs.config.vocab_size), BATCH1_TOKENS)], {}),
+            single = bench(token_workload("batch-1", [(batch1_prompt(ctx.costs.config.vocab_size), BATCH1_TOKENS)]),
                            300)
             if single.metrics.tpot_ms is not None:
                 run.batch1_median_step_ms = single.metrics.tpot_ms.median
             with GpuSampler(ctx.settings.tp) as gpu:
-                result = bench(workload_of("rag", ctx.requests, {}), ctx.deadline - time.perf_counter())
+                result = bench(token_workload("rag", ctx.requests), ctx.deadline - time.perf_counter())
             run.gpu = gpu.summary(result.window)
             run.outcomes, run.duration_s = result.outcomes, result.metrics.duration_s
             run.details["client_cpu_us_per_output_token"] = result.client_cpu_us_per_output_token
@@ -763,24 +547,21 @@ def run_engine(ctx: RowContext, copy_bw: float) -> RowRun:
     engine = LocalEngine(SchedulerConfig(async_scheduling=s.async_scheduling), worker_config, ctx.shape)
     run.details["startup_s"] = time.perf_counter() - begin
     run.details["num_kv_blocks"] = engine.runner.num_blocks
-    rng = np.random.default_rng(0)
-    warm = [(gpu_engine.random_prompt(rng, n), 8 + 4 * i) for i, n in enumerate(gpu_engine.WARMUP_PROMPTS)
-            if n + 64 <= s.max_model_len]
     begin = time.perf_counter()
-    gpu_engine.run_workload(engine, warm, SchedulerConfig(max_num_seqs=gpu_engine.WARMUP_MAX_SEQS,
-                                                          async_scheduling=s.async_scheduling), True)
+    run_workload(engine, warmup_requests(s.max_model_len),
+                 SchedulerConfig(max_num_seqs=WARMUP_MAX_SEQS, async_scheduling=s.async_scheduling), True)
     run.details["warmup_s"] = time.perf_counter() - begin
-    batch1 = gpu_engine.batch1_decode(engine, True, copy_bw, async_scheduling=s.async_scheduling)
+    batch1 = batch1_decode(engine, True, copy_bw, async_scheduling=s.async_scheduling)
     run.batch1_median_step_ms = batch1["median_step_ms"]
     run.details["batch1_decode"] = batch1
     config = SchedulerConfig(max_num_seqs=ctx.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                              batching="continuous", async_scheduling=s.async_scheduling)
-    with GpuSampler() as gpu, gpu_engine.ExecuteTimes(engine.runner) as step_times:
-        stats = gpu_engine.run_workload(engine, ctx.requests, config, True)
+    with GpuSampler() as gpu, ExecuteTimes(engine.runner) as step_times:
+        stats = run_workload(engine, ctx.requests, config, True)
     run.gpu = gpu.summary()
     # The in-process counterpart of the scheduler's stats lines in the HTTP rows.
     run.details["step_times"] = step_times.summary()
-    run.engine_stats = gpu_engine.summarise(stats)
+    run.engine_stats = summarise(stats)
     run.duration_s = stats.duration_s
     return run
 
@@ -866,12 +647,10 @@ class Budget:
         return time.perf_counter() + min(left, share)
 
 
-def shape_requests(shape: str, settings: Settings, row: str) -> tuple[list[tuple[list[int], int]], int]:
+def shape_requests(settings: Settings, row: str) -> tuple[list[TokenRequest], int]:
     """The row's rag requests (token ids, capped output length) and how many the cap shortened."""
     workload = rag_workload(settings.num_requests[row], seed=settings.seed, max_model_len=settings.max_model_len)
-    cap = settings.max_output_len[row]
-    requests = [([int(t) for t in r.prompt], min(r.output_len, cap)) for r in workload.requests]
-    return requests, sum(r.output_len > cap for r in workload.requests)
+    return token_requests(workload, settings.max_output_len[row])
 
 
 def run_row(row: str, ctx: RowContext, copy_bw: float, peak_flops: float) -> dict[str, Any]:
@@ -899,16 +678,6 @@ def run_row(row: str, ctx: RowContext, copy_bw: float, peak_flops: float) -> dic
     return figures
 
 
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in ("torch", "triton", "transformers", "tokenizers", "nvidia-ml-py", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def settings_json(settings: Settings) -> dict[str, Any]:
     """The result file's settings: every field of ``settings`` and the batch-1 request."""
     return {
@@ -917,13 +686,6 @@ def settings_json(settings: Settings) -> dict[str, Any]:
         "batch1_prompt": BATCH1_PROMPT,
         "batch1_tokens": BATCH1_TOKENS,
     }
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -962,36 +724,54 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def figure(result: dict[str, Any]) -> plots.Chart | None:
+    """Per shape, each row's throughput against its TTFT (a segment from p50 to p95): continuous
+    batching should sit right of static and lower; None where no row finished."""
+    panels = []
+    for shape in result["shapes"]:
+        rows = tuple(
+            plots.Series(ROW_TITLES.get(row, row) + (" (truncated)" if r["status"] == "truncated" else ""),
+                         (r["output_tokens_per_s"],) * 2, (r["ttft_p50_ms"], r["ttft_p95_ms"]))
+            for row, r in shape["rows"].items()
+            if r.get("status") in ("ok", "truncated") and r["ttft_p50_ms"] is not None and r["ttft_p95_ms"] is not None
+        )
+        if rows:
+            panels.append(plots.Panel(f"{shape['shape']} (rag)", "output tokens/s", "TTFT p50 to p95 (ms)", rows,
+                                      logx=plots.wide([x for s in rows for x in s.x]),
+                                      logy=plots.wide([y for s in rows for y in s.y])))
+    if not panels:
+        return None
+    return plots.Chart(f"Batching ablation: {result['device']}, {result['date']}", tuple(panels))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, settings = parse_args(argv)
     # Nothing here comes from the Hugging Face Hub: fail at once rather than wait on a network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging("%(asctime)s %(name)s %(levelname)s: %(message)s")
     budget = Budget(settings.time_budget_s, settings.min_row_s)
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        print("bench.ablation needs a CUDA GPU (or --smoke, on the CPU)", file=sys.stderr)
+    if settings.device == "cuda" and not cuda_available("bench.ablation", "a CUDA GPU (or --smoke, on the CPU)"):
         return 2
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     progress(f"device {device_name}; measuring the matmul peak and the copy bandwidth")
     peak = matmul_peak_flops(settings.device, settings.dtype, settings.matmul_size)
-    copy_bw = copy_bandwidth(settings)
+    copy_bw = copy_bandwidth(settings.device, settings.copy_bytes)
     dtype = str(settings.dtype).removeprefix("torch.")
     progress(f"{dtype} matmul {settings.matmul_size}^3: {peak / 1e12:.1f} TFLOP/s; "
              f"copy: {copy_bw / 1e12:.2f} TB/s (read + written)")
     gpu_probe = GpuSampler()
     if gpu_probe.error:
         progress(gpu_probe.error)
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     shapes: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "schema": RESULT_SCHEMA,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.ablation", *(sys.argv[1:] if argv is None else argv)]),
+        "date": utc_timestamp(),
+        "command": command_line("bench.ablation", argv),
         "git_commit": commit,
         "git_dirty": dirty,
         "device": device_name,
-        "versions": library_versions(),
+        "versions": library_versions(("torch", "triton", "transformers", "tokenizers", "nvidia-ml-py", "numpy")),
         "matmul_peak_flops": peak,
         "copy_bandwidth_bytes_per_s": copy_bw,
         "settings": settings_json(settings),
@@ -1005,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry: dict[str, Any] = {"shape": shape, "params": costs.params, "requests": {}, "rows": {}}
         shapes.append(entry)
         for row in settings.rows:
-            requests, capped = shape_requests(shape, settings, row)
+            requests, capped = shape_requests(settings, row)
             entry["requests"][row] = {
                 "num_requests": len(requests),
                 "max_output_len": settings.max_output_len[row],
@@ -1041,11 +821,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{_num(figures['ttft_p50_ms'], '.0f')} ms, p95 {_num(figures['ttft_p95_ms'], '.0f')} ms, "
                          f"{figures['completed']}/{figures['num_requests']} done in {figures['duration_s']:.1f} s "
                          f"(row {figures['row_wall_s']:.0f} s), status {figures['status']}")
-            result["elapsed_s"] = time.monotonic() - _started
+            result["elapsed_s"] = elapsed_s()
             write_json(args.out, result)
     result["complete"] = True
-    result["elapsed_s"] = time.monotonic() - _started
+    result["elapsed_s"] = elapsed_s()
     write_json(args.out, result)
+    write_chart(args.out, figure(result))
     print(format_markdown(result))
     progress(f"wrote {args.out}")
     return 0

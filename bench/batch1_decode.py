@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
-import json
 import statistics
 import sys
-import time
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from bench import gpu_engine
-from bench.serving import _git_state
+from bench.harness.cli import add_out, cuda_available, elapsed_s, new_parser, progress
+from bench.harness.device_memory import free_device_memory
+from bench.harness.engine import BENCH_SHAPES, MAX_MODEL_LEN, batch1_decode
+from bench.harness.metadata import command_line, git_state, utc_timestamp
+from bench.harness.results import write_json
+from bench.harness.rooflines import copy_bandwidth
 from loomserve.kernels import set_pdl
 from loomserve.kernels.gemv import GemvConfig
 from loomserve.kernels.gemv import linear as gemv_linear
@@ -47,8 +46,6 @@ from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.worker.cuda_graphs import DecodeGraphs
 from loomserve.worker.layers.linear import Linear, Matmul, UnquantizedLinearMethod
 from loomserve.worker.layers.rotary import TritonRotary
-
-SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 
 
 class Variant(NamedTuple):
@@ -100,8 +97,7 @@ def use_variant(engine: LocalEngine, variant: Variant) -> None:
     max_seq_len = old.max_seq_len
     runner.graphs = None
     del old
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_device_memory("cuda")
     graphs = DecodeGraphs(
         runner.model, runner.kv_caches, max_seq_len=max_seq_len, block_size=runner.block_size, buckets=(1,)
     )
@@ -110,22 +106,20 @@ def use_variant(engine: LocalEngine, variant: Variant) -> None:
 
 
 def bench_shape(shape: str, rounds: int, copy_bw: float, gemv_configs: list[GemvConfig]) -> dict[str, object]:
-    gpu_engine.progress(f"{shape}: loading dummy weights, capturing CUDA graphs")
-    worker_config = WorkerConfig(
-        model=shape, load_format="dummy", device="cuda", max_model_len=gpu_engine.MAX_MODEL_LEN
-    )
+    progress(f"{shape}: loading dummy weights, capturing CUDA graphs")
+    worker_config = WorkerConfig(model=shape, load_format="dummy", device="cuda", max_model_len=MAX_MODEL_LEN)
     engine = LocalEngine(SchedulerConfig(), worker_config, shape)
     chosen = variants(gemv_configs)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for round_ in range(rounds + 1):
         for name, variant in chosen.items():
             use_variant(engine, variant)
-            result = gpu_engine.batch1_decode(engine, True, copy_bw)
+            result = batch1_decode(engine, True, copy_bw)
             if round_ == 0:
                 continue  # builds the kernels' variants and warms the clocks
             runs[name].append(result)
-            gpu_engine.progress(f"{shape}: round {round_}, {name}: {result['tokens_per_s']:.1f} tokens/s "
-                                f"({100 * result['fraction_of_roofline']:.1f}% of the roofline)")
+            progress(f"{shape}: round {round_}, {name}: {result['tokens_per_s']:.1f} tokens/s "
+                     f"({100 * result['fraction_of_roofline']:.1f}% of the roofline)")
     summary: dict[str, object] = {"shape": shape, "runs": runs}
     for name, results in runs.items():
         step_ms = statistics.median(r["median_step_ms"] for r in results)
@@ -136,8 +130,7 @@ def bench_shape(shape: str, rounds: int, copy_bw: float, gemv_configs: list[Gemv
             "roofline_tokens_per_s": results[0]["roofline_tokens_per_s"],
         }
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_device_memory("cuda")
     return summary
 
 
@@ -158,38 +151,36 @@ def format_table(shapes: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="dummy model shapes, in order")
+    parser = new_parser("bench.batch1_decode", __doc__)
+    add_out(parser)
+    parser.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), help="dummy model shapes, in order")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each variant, alternated")
     parser.add_argument("--gemv-configs", nargs="+", type=parse_gemv_config, default=[], metavar="NxKxW",
                         help="also run the default setup with these gemv configurations")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.batch1_decode needs a CUDA GPU", file=sys.stderr)
+    if not cuda_available("bench.batch1_decode"):
         return 2
     device = torch.device("cuda")
-    copy_bw = gpu_engine.copy_bandwidth(device)
-    gpu_engine.progress(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + written)")
+    copy_bw = copy_bandwidth(device)
+    progress(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + written)")
     try:
         shapes = [bench_shape(shape, args.rounds, copy_bw, args.gemv_configs) for shape in args.shapes]
     finally:
         set_pdl(True)
     result = {
         "device": torch.cuda.get_device_name(device),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.batch1_decode", *(argv if argv is not None else sys.argv[1:])]),
-        "git": _git_state(),
+        "date": utc_timestamp(),
+        "command": command_line("bench.batch1_decode", argv),
+        "git": git_state(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bandwidth_bytes_per_s": copy_bw,
-        "elapsed_s": time.monotonic() - gpu_engine._started,
+        "elapsed_s": elapsed_s(),
         "shapes": shapes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(format_table(shapes))
-    gpu_engine.progress(f"wrote {args.out}")
+    progress(f"wrote {args.out}")
     return 0
 
 

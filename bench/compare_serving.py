@@ -26,25 +26,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
 import math
 import os
 import shlex
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from bench.gateway_cost import free_port
-from bench.scheduler_cost import ProcessGroup, run_metadata
-from bench.serving import BenchConfig, BenchResult, run_benchmark
-from bench.workloads import BenchRequest, Workload, build_workload
+from bench.harness import plots
+from bench.harness.cli import add_output_json, new_parser, setup_logging
+from bench.harness.metadata import command_line, run_metadata
+from bench.harness.processes import ProcessGroup
+from bench.harness.readiness import free_port
+from bench.harness.results import write_chart, write_json
+from bench.harness.stacks import serve_argv, start_serve
+from bench.serving import BenchConfig, BenchResult, describe_load, latency_chart, run_benchmark
+from bench.workloads import Workload, build_workload, cap_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +79,6 @@ COMPARISONS = {
 }
 
 
-def wait_ready(group: ProcessGroup, base_url: str, timeout_s: float = _READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        group.check_alive()
-        try:
-            with urllib.request.urlopen(base_url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the server at {base_url} was not ready after {timeout_s:.0f} s:\n{group.log_tail('serve')}")
-
-
-def cap_outputs(workload: Workload, max_output_len: int | None) -> Workload:
-    if max_output_len is None:
-        return workload
-    requests = tuple(BenchRequest(r.prompt, r.prompt_len, min(r.output_len, max_output_len))
-                     for r in workload.requests)
-    return dataclasses.replace(workload, requests=requests,
-                               params={**workload.params, "max_output_len": max_output_len})
-
-
 def _figures(result: BenchResult) -> dict[str, float | None]:
     m = result.metrics
     return {
@@ -121,11 +97,9 @@ def run_one(label: str, serve_args: list[str], workload: Workload, warmup: Workl
             args: argparse.Namespace, command: str) -> tuple[BenchResult, dict[str, Any]]:
     """Start a server with ``serve_args``, warm it up, run the workload, stop it."""
     port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    argv = ["loomserve.cli", "serve", "--port", str(port), "--response-cache", "false", *serve_args]
+    options = ["--response-cache", "false", *serve_args]
     with ProcessGroup() as group:
-        group.spawn("serve", argv)
-        wait_ready(group, base_url)
+        base_url = start_serve(group, port, options, _READY_TIMEOUT_S)
         if warmup is not None:
             logger.info("%s: %d warm-up requests", label, len(warmup.requests))
             asyncio.run(run_benchmark(BenchConfig(workload=warmup, base_url=base_url, concurrency=args.concurrency,
@@ -137,9 +111,17 @@ def run_one(label: str, serve_args: list[str], workload: Workload, warmup: Workl
             seed=args.seed, request_timeout_s=args.request_timeout, label=label, command=command,
         )))
         group.check_alive()
-        run_info = {"label": label, "serve_command": shlex.join(["loomserve", *argv[1:]]),
+        run_info = {"label": label, "serve_command": shlex.join(["loomserve", *serve_argv(port, options)[1:]]),
                     "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg()}
     return result, run_info
+
+
+def figure(report: dict[str, Any]) -> plots.Chart | None:
+    """The TTFT and TPOT distributions of baseline and candidate, on the same axes."""
+    runs = report["runs"]
+    title = (f"{runs['baseline']['label']} vs {runs['candidate']['label']}: "
+             f"{describe_load(runs['baseline']['result'])}")
+    return latency_chart(title, {run["label"]: run["result"] for run in runs.values()})
 
 
 def format_summary(name: str, results: dict[str, dict[str, Any]]) -> str:
@@ -160,8 +142,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare_serving",
-                                     description="Baseline and candidate loomserve serve, same workload, one run.")
+    parser = new_parser("bench.compare_serving", "Baseline and candidate loomserve serve, same workload, one run.")
     parser.add_argument("comparison", choices=sorted(COMPARISONS))
     parser.add_argument("--num-requests", type=int, default=32, help="timed requests (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=8, help="most requests in flight (default: %(default)s)")
@@ -176,7 +157,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="an option for both servers, e.g. --serve-arg=--max-num-seqs=8 (repeatable)")
-    parser.add_argument("--output-json", type=Path, default=None, help="write both results and the summary here")
+    add_output_json(parser, help="write both results and the summary here")
     args = parser.parse_args(argv)
     if args.num_requests < 1 or args.concurrency < 1 or args.warmup_requests < 0:
         parser.error("--num-requests and --concurrency must be positive, --warmup-requests not negative")
@@ -185,10 +166,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging()
     comparison = COMPARISONS[args.comparison]
-    metadata = run_metadata("bench.compare_serving", sys.argv[1:] if argv is None else argv)
+    metadata = {**run_metadata(command_line("bench.compare_serving", argv)), "cpu_count": os.cpu_count()}
     workload = cap_outputs(build_workload(comparison.workload, args.num_requests, args.seed,
                                           max_model_len=args.max_model_len), args.max_output_len)
     warmup = None
@@ -205,7 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = format_summary(args.comparison, runs)
     print(summary)
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "schema": RESULT_SCHEMA,
             "comparison": args.comparison,
@@ -216,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workload": workload.describe(),
             "runs": runs,
         }
-        args.output_json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(args.output_json, report)
+        write_chart(args.output_json, figure(report))
         print(f"\nresults written to {args.output_json}")
     failed = any(run["figures"]["completed"] == 0 for run in runs.values())
     return 1 if failed else 0

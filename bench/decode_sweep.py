@@ -2,12 +2,12 @@
 
     python -m bench.decode_sweep --out results/decode-sweep.json
 
-Needs a CUDA GPU. For each model shape (``bench.kernels.SHAPES``), each cache dtype (bf16, FP8
-e4m3) and each case (sequences x context length), every configuration of a small grid (keys per
-tile, warps, pipeline stages) is first checked against the fp32 reference (max error within 1e-2
-of the largest reference value) and then timed (median of ``triton.testing.do_bench``); the
-launcher's own configuration is then timed again at 2 and 4 times its split count. Each time
-is also given as the bandwidth it implies: the bytes of the KV cache the step must read, over the
+Needs a CUDA GPU. For each model shape (``bench.harness.kernel_inputs.SHAPES``), each cache dtype
+(bf16, FP8 e4m3) and each case (sequences x context length), every configuration of a small grid
+(keys per tile, warps, pipeline stages) is first checked against the fp32 reference (max error
+within 1e-2 of the largest reference value) and then timed (median of ``triton.testing.do_bench``);
+the launcher's own configuration is then timed again at 2 and 4 times its split count. Each time is
+also given as the bandwidth it implies: the bytes of the KV cache the step must read, over the
 time, against a device-to-device copy measured in the same run. A configuration that does not
 compile or is wrong is recorded as such. ``--configs 64x4x2 128x4x3`` (keys per tile x warps x
 stages) times those instead of the whole grid.
@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
-from triton.testing import do_bench
 
-from bench.kernels import BLOCK_SIZE, SHAPES, LayerShape, checked_time, make_paged_inputs
+from bench.harness.cli import add_out, cuda_available, new_parser
+from bench.harness.kernel_inputs import BLOCK_SIZE, SHAPES, LayerShape, make_paged_inputs
+from bench.harness.kernel_timing import checked_time
+from bench.harness.metadata import command_line, utc_timestamp
+from bench.harness.results import write_json
+from bench.harness.rooflines import copy_bandwidth
 from loomserve.kernels import KV_FP8
 from loomserve.kernels.paged_decode_attention import (
     MAX_SPLITS,
@@ -54,11 +55,7 @@ def parse_config(text: str) -> DecodeConfig:
     return DecodeConfig(block_n, num_warps, num_stages)
 
 
-def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Bytes read plus written per second by a device-to-device copy."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * num_bytes / (do_bench(lambda: dst.copy_(src), return_mode="median") / 1000.0)
+COPY_BYTES = 1 << 30
 
 
 def _config_text(entry: dict[str, Any]) -> str:
@@ -96,17 +93,16 @@ def sweep_case(shape: LayerShape, cache: str, case: tuple[int, int], copy_bw: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode_sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = new_parser("bench.decode_sweep", __doc__)
+    add_out(parser, help=None)
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES], choices=[s.name for s in SHAPES])
     parser.add_argument("--caches", nargs="+", default=list(CACHE_DTYPES), choices=list(CACHE_DTYPES))
     parser.add_argument("--configs", nargs="+", type=parse_config, default=list(GRID), metavar="NxWxS",
                         help="configurations to time besides the launcher's (default: the whole grid)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not cuda_available("bench.decode_sweep"):
         return 2
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth("cuda", COPY_BYTES)
     rows = []
     for shape in (s for s in SHAPES if s.name in args.shapes):
         for cache, case in itertools.product(args.caches, CASES):
@@ -114,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{shape.name} {cache} {case}: default {_config_text(r['default'])} {r['default'].get('us')} us, "
                   f"best {_config_text(r['best'])} {r['best']['us']:.1f} us", flush=True)
-    result = {"command": " ".join(["python -m bench.decode_sweep", *(argv if argv is not None else sys.argv[1:])]),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "copy_bandwidth": copy_bw, "cases": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": command_line("bench.decode_sweep", argv), "date": utc_timestamp(),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth": copy_bw,
+              "cases": rows}
+    write_json(args.out, result)
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s\n"
           "| shape | cache | sequences x context | default (N, warps, stages, splits) | µs | % of bandwidth "
           "| best | µs | % of bandwidth | speed-up |\n|---|---|---|---|---|---|---|---|---|---|")

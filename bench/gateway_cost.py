@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -39,20 +37,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.echo_worker import BLOCK_SIZE
-from bench.scheduler_cost import (
-    BackendOptions,
-    ProcessGroup,
-    format_top,
-    profile_file_summary,
-    random_prompts,
-    run_metadata,
-    start_backend,
-)
+from bench.harness import plots
+from bench.harness.cli import add_output_json, new_parser, setup_logging
+from bench.harness.metadata import command_line, run_metadata
+from bench.harness.processes import ProcessGroup
+from bench.harness.profiles import format_top, profile_file_summary
+from bench.harness.readiness import free_port
+from bench.harness.results import write_chart, write_json
+from bench.harness.stacks import BackendOptions, start_backend, start_gateway
 from bench.serving import BenchConfig, BenchResult, run_benchmark
-from bench.workloads import BenchRequest, Workload
+from bench.workloads import BenchRequest, Workload, random_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +90,6 @@ class GatewayCost:
     errors: list[str]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_stack(group: ProcessGroup, port: int, max_seqs: int, model: str | None,
                 options: GatewayRunOptions) -> str:
     """Scheduler, echo worker and gateway; returns the gateway's base URL once /health answers 200."""
@@ -109,24 +98,7 @@ def start_stack(group: ProcessGroup, port: int, max_seqs: int, model: str | None
     backend = BackendOptions(max_num_seqs=max_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
                              num_kv_blocks=max(defaults.num_kv_blocks, 2 * max_seqs * max_len // BLOCK_SIZE),
                              max_model_len=max(defaults.max_model_len, max_len))
-    scheduler_address = start_backend(group, backend)
-    group.spawn("gateway", [
-        "loomserve.cli", "gateway", "--host", "127.0.0.1", "--port", str(port),
-        "--scheduler-address", scheduler_address, *(["--model", model] if model else []),
-    ], profile=True)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120.0
-    with httpx.Client(base_url=base_url, timeout=2.0) as client:
-        while True:
-            group.check_alive()
-            try:
-                if client.get("/health").status_code == 200:
-                    return base_url
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the gateway was not healthy after 120 s:\n{group.log_tail('gateway')}")
-            time.sleep(0.2)
+    return start_gateway(group, port, start_backend(group, backend), model)
 
 
 def workload(num_requests: int, options: GatewayRunOptions, seed: int) -> Workload:
@@ -203,9 +175,35 @@ def format_table(results: list[GatewayCost]) -> str:
     return "\n".join(lines)
 
 
+def figure(report: dict[str, Any]) -> plots.Chart:
+    """Throughput, latency and CPU per token against the number of concurrent streams."""
+    rows = report["results"]
+    streams = tuple(r["concurrency"] for r in rows)
+    logx = plots.wide(streams)
+
+    def curve(label: str, values: list[float | None]) -> plots.Series:
+        return plots.series(label, list(zip(streams, values, strict=True)))
+
+    latency = (
+        curve("TTFT p50", [r["ttft_ms_p50"] for r in rows]),
+        curve("TTFT p99", [r["ttft_ms_p99"] for r in rows]),
+        curve("ITL p50", [r["itl_ms_p50"] for r in rows]),
+        curve("ITL p99", [r["itl_ms_p99"] for r in rows]),
+    )
+    return plots.Chart(f"Gateway and scheduler with an echo worker ({report['metadata']['date']})", (
+        plots.Panel("streamed tokens", "concurrent streams", "tokens/s",
+                    (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=logx, xticks=streams),
+        plots.Panel("latency", "concurrent streams", "ms", latency, logx=logx,
+                    logy=plots.wide([y for s in latency for y in s.y]), xticks=streams),
+        plots.Panel("CPU per streamed token", "concurrent streams", "µs", tuple(
+            curve(name, [r["cpu_us_per_token"].get(name) for r in rows])
+            for name in ("gateway", "scheduler", "echo-worker", "client")
+        ), logx=logx, xticks=streams),
+    ))
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_cost",
-                                     description="Gateway + scheduler overhead per stream, with an echo worker.")
+    parser = new_parser("bench.gateway_cost", "Gateway + scheduler overhead per stream, with an echo worker.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCY),
                         help="concurrent streams to measure (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=GatewayRunOptions.prompt_len,
@@ -223,7 +221,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="run gateway and scheduler under cProfile, writing <name>.prof here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-json", type=Path, default=None, help="write results here")
+    add_output_json(parser)
     args = parser.parse_args(argv)
     if min(args.concurrency) < 1 or args.prompt_len < 1 or args.output_len < 1:
         parser.error("--concurrency, --prompt-len and --output-len must be positive")
@@ -232,13 +230,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: thousands of lines that would bury the progress.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging()
     options = GatewayRunOptions(prompt_len=args.prompt_len, output_len=args.output_len,
                                 requests_per_stream=args.requests_per_stream, min_requests=args.min_requests,
                                 seed=args.seed)
-    metadata = run_metadata("bench.gateway_cost", sys.argv[1:] if argv is None else argv)
+    metadata = {**run_metadata(command_line("bench.gateway_cost", argv)), "cpu_count": os.cpu_count()}
     results: list[GatewayCost] = []
     runs: list[dict[str, Any]] = []
     total_tokens = 0
@@ -269,7 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{name} process cProfile ({profile['path']}), by own time:")
             print(format_top(profile["top_tottime"], "streamed token"))
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "schema": RESULT_SCHEMA,
             "metadata": metadata,
@@ -278,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": runs,
             "profiles": profiles or None,
         }
-        args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.output_json, report)
+        write_chart(args.output_json, figure(report))
         print(f"\nresults written to {args.output_json}")
     return 0 if all(r.completed for r in results) else 1
 

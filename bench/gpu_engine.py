@@ -35,251 +35,33 @@ date and the command.
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import gc
-import json
-import logging
-import pstats
-import statistics
 import sys
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton
 
-from bench.workloads import rag_workload
+from bench.harness.cli import add_out, cuda_available, elapsed_s, new_parser, progress, setup_logging
+from bench.harness.device_memory import free_device_memory
+from bench.harness.engine import (
+    BENCH_SHAPES,
+    MAX_MODEL_LEN,
+    WARMUP_MAX_SEQS,
+    batch1_decode,
+    run_workload,
+    summarise,
+    warmup_requests,
+    weight_bytes_per_step,
+)
+from bench.harness.metadata import command_line, utc_timestamp
+from bench.harness.results import write_json
+from bench.harness.rooflines import copy_bandwidth
+from bench.workloads import rag_workload, token_requests
 from loomserve.local_engine import LocalEngine
 from loomserve.shared.config import SchedulerConfig, WorkerConfig
-from loomserve.shared.messages import SamplingParams, StepResult
-from loomserve.worker.kv_cache import kv_cache_bytes_per_block
-from loomserve.worker.model_runner import LaunchedStep, ModelRunner
 
-SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 DEFAULT_REQUESTS = {"llama-3.2-1b": 256, "llama-3.1-8b": 128}
-MAX_MODEL_LEN = 8192
-BATCH1_PROMPT = 512
-BATCH1_TOKENS = 256
-COPY_BYTES = 2 << 30
-# Prompt lengths of the warm-up (query lengths across the prefill kernel's tile sizes),
-# run a few at a time so that prompts also join running decodes (mixed steps).
-WARMUP_PROMPTS = (3, 17, 40, 100, 300, 1500, 5, 33, 70, 700, 2500, 9)
-WARMUP_MAX_SEQS = 4
-
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _started:6.1f} s] {message}", flush=True)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1000.0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
-
-
-def weight_bytes_per_step(runner: ModelRunner) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except an untied
-    embedding table, of which a step reads one row per token."""
-    params = {p.data_ptr(): p for p in runner.model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    if not runner.model_config.tie_word_embeddings:
-        total -= runner.model.embed_tokens.weight.numel() * runner.model.embed_tokens.weight.element_size()
-    return total
-
-
-def forced(num_tokens: int) -> SamplingParams:
-    """Greedy, no stop tokens: exactly ``num_tokens`` outputs."""
-    return SamplingParams(max_tokens=num_tokens, temperature=0.0)
-
-
-def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
-    return rng.integers(0, 32000, length).tolist()
-
-
-class ExecuteTimes:
-    """Wraps ``runner.finalize`` to collect each step's ``forward_ms``: the runner's share
-    of a step from its launch to its tokens read (inputs, forward, sampling; with
-    asynchronous scheduling, overlapping the step before), the scheduler's excluded; and
-    its parts ``host_ms`` (the runner's own host work on the step) and ``wait_ms`` (waiting
-    for the device to hand the tokens over)."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.finalize = runner.finalize
-        self.forward_ms: list[float] = []
-        self.host_ms: list[float] = []
-        self.wait_ms: list[float] = []
-
-    def summary(self) -> dict[str, float | int]:
-        """Steps timed and their mean launch-to-tokens, host and wait times (ms)."""
-        steps = len(self.forward_ms)
-        return {"steps": steps, **{f"mean_{name}": statistics.fmean(values) if values else 0.0
-                                   for name, values in (("forward_ms", self.forward_ms), ("host_ms", self.host_ms),
-                                                        ("wait_ms", self.wait_ms))}}
-
-    def __enter__(self) -> ExecuteTimes:
-        def timed(step: LaunchedStep) -> StepResult:
-            result = self.finalize(step)
-            self.forward_ms.append(result.forward_ms)
-            self.host_ms.append(result.host_ms)
-            self.wait_ms.append(result.wait_ms)
-            return result
-
-        self.runner.finalize = timed  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.runner.finalize = self.finalize  # type: ignore[method-assign]
-
-
-def batch1_decode(
-    engine: LocalEngine, graphs: bool, copy_bw: float, profile_out: Path | None = None, async_scheduling: bool = True
-) -> dict[str, float]:
-    """One request decoding alone; with ``profile_out``, a cProfile report of its steps is
-    written there (and the times are not representative)."""
-    runner = engine.runner
-    runner.use_cuda_graphs = graphs
-    engine.reset(SchedulerConfig(async_scheduling=async_scheduling))
-    engine.add_request("b1", random_prompt(np.random.default_rng(1), BATCH1_PROMPT), forced(BATCH1_TOKENS))
-    engine.step()  # the prefill, which samples the first token
-    step_times = []
-    profiler = cProfile.Profile() if profile_out is not None else None
-    with ExecuteTimes(runner) as execute_times:
-        while engine.has_work():
-            begin = time.perf_counter()
-            if profiler is not None:
-                profiler.enable()
-            engine.step()
-            if profiler is not None:
-                profiler.disable()
-            step_times.append(time.perf_counter() - begin)
-    if profiler is not None and profile_out is not None:
-        with profile_out.open("w") as f:
-            stats = pstats.Stats(profiler, stream=f)
-            f.write(f"{len(step_times)} decode steps, batch 1, CUDA graphs {'on' if graphs else 'off'}\n")
-            stats.sort_stats("tottime").print_stats(40)
-            stats.sort_stats("cumulative").print_stats(40)
-    median = statistics.median(step_times)
-    mean_context = BATCH1_PROMPT + (len(step_times) + 1) / 2
-    kv_per_token = kv_cache_bytes_per_block(runner.model_config, 1, runner.kv_dtype)
-    step_bytes = weight_bytes_per_step(runner) + mean_context * kv_per_token
-    roofline = copy_bw / step_bytes
-    return {
-        "tokens_per_s": 1.0 / median,
-        "median_step_ms": median * 1000.0,
-        "median_runner_ms": statistics.median(execute_times.forward_ms),
-        "p90_step_ms": float(np.percentile(step_times, 90)) * 1000.0,
-        "bytes_per_step": step_bytes,
-        "roofline_tokens_per_s": roofline,
-        "fraction_of_roofline": (1.0 / median) / roofline,
-    }
-
-
-@dataclass
-class RunStats:
-    duration_s: float
-    output_tokens: int
-    prompt_tokens: int
-    ttft_s: list[float]
-    e2e_s: list[float]
-    steps: int
-    graph_steps: int
-    graph_steps_s: float  # wall time of the steps that replayed a graph
-    preemptions: int
-
-
-def graph_replays(runner: ModelRunner) -> int:
-    """CUDA graph replays so far, of decode and of mixed steps."""
-    return sum(g.num_replays for g in (runner.graphs, runner.mixed_graphs) if g is not None)
-
-
-def run_workload(
-    engine: LocalEngine, requests: list[tuple[list[int], int]], config: SchedulerConfig, graphs: bool
-) -> RunStats:
-    """Queue every request at once and step until all are done."""
-    runner = engine.runner
-    runner.use_cuda_graphs = graphs
-    engine.reset(config)
-    replays_before = graph_replays(runner)
-    begin = time.perf_counter()
-    for i, (prompt, output_len) in enumerate(requests):
-        engine.add_request(f"r{i}", prompt, forced(output_len))
-    first: dict[str, float] = {}
-    done: dict[str, float] = {}
-    output_tokens = 0
-    graph_time = 0.0
-    step_start = time.perf_counter()
-    while engine.has_work():
-        replays = graph_replays(runner)
-        outputs = engine.step()
-        step_end = time.perf_counter()
-        if graph_replays(runner) > replays:
-            graph_time += step_end - step_start
-        step_start = step_end
-        now = step_end - begin
-        for out in outputs:
-            output_tokens += len(out.new_token_ids)
-            if out.new_token_ids:
-                first.setdefault(out.request_id, now)
-            if out.finish_reason is not None:
-                done[out.request_id] = now
-    duration = time.perf_counter() - begin
-    replays = graph_replays(runner) - replays_before
-    stats = engine.scheduler.stats
-    return RunStats(
-        duration_s=duration,
-        output_tokens=output_tokens,
-        prompt_tokens=sum(len(p) for p, _ in requests),
-        ttft_s=sorted(first.values()),
-        e2e_s=sorted(done.values()),
-        steps=stats.num_steps,
-        graph_steps=replays,
-        graph_steps_s=graph_time,
-        preemptions=stats.num_preemptions,
-    )
-
-
-def summarise(run: RunStats) -> dict[str, float]:
-    def pct(values: list[float], q: float) -> float:
-        return float(np.percentile(values, q)) if values else float("nan")
-
-    return {
-        "duration_s": run.duration_s,
-        "output_tokens": run.output_tokens,
-        "output_tokens_per_s": run.output_tokens / run.duration_s,
-        "total_tokens_per_s": (run.output_tokens + run.prompt_tokens) / run.duration_s,
-        "requests_per_s": len(run.e2e_s) / run.duration_s,
-        "ttft_p50_s": pct(run.ttft_s, 50),
-        "ttft_p95_s": pct(run.ttft_s, 95),
-        "e2e_p50_s": pct(run.e2e_s, 50),
-        "e2e_p95_s": pct(run.e2e_s, 95),
-        "steps": run.steps,
-        "graph_steps": run.graph_steps,
-        "graph_steps_s": run.graph_steps_s,
-        # Prefill and mixed steps (and decode batches above the largest graph).
-        "eager_steps": run.steps - run.graph_steps,
-        "eager_steps_s": run.duration_s - run.graph_steps_s,
-        "preemptions": run.preemptions,
-    }
 
 
 def bench_shape(
@@ -298,8 +80,7 @@ def bench_shape(
     startup_s = time.monotonic() - begin
     progress(f"{shape}: ready in {startup_s:.1f} s, {runner.num_blocks} KV blocks of {runner.block_size}")
 
-    rng = np.random.default_rng(0)
-    warmup = [(random_prompt(rng, n), 8 + 4 * i) for i, n in enumerate(WARMUP_PROMPTS)]
+    warmup = warmup_requests()
     for graphs in (True, False):
         run_workload(engine, warmup, SchedulerConfig(max_num_seqs=WARMUP_MAX_SEQS), graphs)
     progress(f"{shape}: warm-up done")
@@ -320,10 +101,8 @@ def bench_shape(
             batch1_decode(engine, graphs, copy_bw, profile_dir / f"profile_{shape}_{key}.txt")
         progress(f"{shape}: profiles written to {profile_dir}")
 
-    workload = rag_workload(num_requests, seed=0, max_model_len=MAX_MODEL_LEN)
     # Without a tokenizer the workload's prompts are token ids.
-    requests = [([int(t) for t in r.prompt], min(r.output_len, max_output_len)) for r in workload.requests]
-    capped = sum(r.output_len > max_output_len for r in workload.requests)
+    requests, capped = token_requests(rag_workload(num_requests, seed=0, max_model_len=MAX_MODEL_LEN), max_output_len)
     max_num_seqs = max(1, num_requests // 4)
     rag = {}
     for batching in ("continuous", "static"):
@@ -354,8 +133,7 @@ def bench_shape(
         },
     }
     del engine, runner
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_device_memory("cuda")
     return result
 
 
@@ -379,9 +157,9 @@ def format_table(shapes: list[dict[str, object]], device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="dummy model shapes, in order")
+    parser = new_parser("bench.gpu_engine", __doc__)
+    add_out(parser)
+    parser.add_argument("--shapes", nargs="+", default=list(BENCH_SHAPES), help="dummy model shapes, in order")
     parser.add_argument("--num-requests", type=int, default=None,
                         help="rag requests per shape (default: 256 for llama-3.2-1b, 128 for llama-3.1-8b)")
     parser.add_argument("--max-output-len", type=int, default=1024, help="cap on the rag output lengths")
@@ -390,23 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="write cProfile reports of the batch-1 decode steps here (slows those steps)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.gpu_engine needs a CUDA GPU", file=sys.stderr)
+    if not cuda_available("bench.gpu_engine"):
         return 2
     if args.profile_dir is not None:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("%(asctime)s %(name)s %(message)s")
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     progress(f"device {name}; measuring the copy bandwidth")
     copy_bw = copy_bandwidth(device)
     progress(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + written)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     shapes: list[dict[str, object]] = []
     result: dict[str, object] = {
         "device": name,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.gpu_engine", *(argv if argv is not None else sys.argv[1:])]),
+        "date": utc_timestamp(),
+        "command": command_line("bench.gpu_engine", argv),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bandwidth_bytes_per_s": copy_bw,
@@ -419,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Written after every shape, so that a run cut short keeps what it measured.
         result["complete"] = len(shapes) == len(args.shapes)
-        result["elapsed_s"] = time.monotonic() - _started
-        args.out.write_text(json.dumps(result, indent=2))
+        result["elapsed_s"] = elapsed_s()
+        write_json(args.out, result)
     print(format_table(shapes, name))
     progress(f"wrote {args.out}")
     return 0

@@ -33,20 +33,18 @@ inputs that fit in L2 stay there after the first call). A formulation that canno
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
+from bench.harness.cli import add_out, cuda_available, new_parser
+from bench.harness.kernel_inputs import BLOCK_SIZE, SHAPES, LayerShape, make_paged_inputs
+from bench.harness.kernel_timing import REL_TOL, Timer, cuda_timer, rel_error
+from bench.harness.results import write_json
 from loomserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from loomserve.kernels.gemv import gemv, gemv_ref
 from loomserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
@@ -59,40 +57,9 @@ from loomserve.kernels.reshape_and_cache import reshape_and_cache, reshape_and_c
 from loomserve.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from loomserve.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 
-REL_TOL = 1e-2
-BLOCK_SIZE = 16
 RMS_EPS = 1e-5
 ROPE_THETA = 500000.0
 
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The per-layer sizes a kernel sees (tensor parallel degree 1)."""
-
-    name: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
-    vocab: int
-
-    def projections(self) -> tuple[tuple[str, int, int], ...]:
-        """(name, out features, in features) of each weight a decode step multiplies."""
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        return (
-            ("qkv_proj", q + 2 * kv, self.hidden),
-            ("o_proj", self.hidden, q),
-            ("gate_up_proj", 2 * self.intermediate, self.hidden),
-            ("down_proj", self.hidden, self.intermediate),
-            ("lm_head", self.vocab, self.hidden),
-        )
-
-
-LLAMA_3_1_8B = LayerShape("llama-3.1-8b", 32, 8, 128, 4096, 14336, 128256)
-LLAMA_3_2_1B = LayerShape("llama-3.2-1b", 32, 8, 64, 2048, 8192, 128256)
-SHAPES = (LLAMA_3_1_8B, LLAMA_3_2_1B)
 
 # (batch, context length)
 DECODE_CASES = (
@@ -117,121 +84,7 @@ PREFILL_CASES = (
 )
 TOKEN_CASES = (1, 256, 4096)
 
-GRAPH_CALLS = 20
-
-
-class Timing(NamedTuple):
-    """Microseconds per call: launched eagerly, and replayed from a CUDA graph (None if the
-    call cannot be captured)."""
-
-    eager_us: float
-    graph_us: float | None
-
-
-# Runs ``fn`` repeatedly and returns its timing.
-Timer = Callable[[Callable[[], object]], Timing]
 Row = dict[str, object]
-
-
-def graph_us(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> float | None:
-    """Median GPU time per call of ``fn`` replayed from a CUDA graph of ``calls`` calls, in
-    microseconds; None if capturing ``fn`` fails (e.g. it synchronises with the host)."""
-    fn()  # compiled and warmed up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
-    return float(do_bench(graph.replay, warmup=5, rep=100, return_mode="median")) * 1000.0 / calls
-
-
-def cuda_timer(fn: Callable[[], object]) -> Timing:
-    """``fn`` on the current CUDA device: median eager time and graph time, in microseconds."""
-    eager = float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1000.0
-    return Timing(eager, graph_us(fn))
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref|, the measure the kernel tests use."""
-    err = (out.float() - ref.float()).abs().max().item()
-    return err / max(ref.float().abs().max().item(), 1e-6)
-
-
-def checked_time(run: Callable[[], torch.Tensor], ref: torch.Tensor) -> dict[str, Any]:
-    """One configuration of a tile sweep: ``status`` ``failed`` (and the message) when it does not
-    run, ``wrong`` when its result is not within REL_TOL of ``ref``, else ``ok`` with its median
-    time in ``us``; ``rel_error`` whenever it ran."""
-    try:
-        error = rel_error(run(), ref)
-    except Exception as exc:  # a configuration that does not fit the GPU is a result, not a crash
-        return {"status": "failed", "message": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    if error > REL_TOL:
-        return {"status": "wrong", "rel_error": error}
-    return {"status": "ok", "rel_error": error, "us": do_bench(run, return_mode="median") * 1000.0}
-
-
-@dataclass
-class PagedInputs:
-    q: torch.Tensor  # (T, H, D)
-    kv_cache: torch.Tensor  # (2, num_blocks, BLOCK_SIZE, KVH, D)
-    query_start_loc: torch.Tensor  # (B + 1,) int32
-    seq_lens: torch.Tensor  # (B,) int32
-    block_tables: torch.Tensor  # (B, max_blocks) int32
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
-    scale: float
-
-
-def make_paged_inputs(
-    shape: LayerShape,
-    query_lens: Sequence[int],
-    prefix_lens: Sequence[int],
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    seed: int = 0,
-) -> PagedInputs:
-    """Random queries and cache; each sequence owns randomly scattered blocks."""
-    gen = torch.Generator().manual_seed(seed)
-    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens, strict=True)]
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq)
-    perm = torch.randperm(num_blocks, generator=gen)
-    block_tables = torch.zeros((len(seq_lens), max(blocks_per_seq)), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks_per_seq):
-        block_tables[i, :n] = perm[used : used + n]
-        used += n
-    dev_gen = torch.Generator(device=device).manual_seed(seed)
-    kv_cache = torch.randn(
-        (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim),
-        generator=dev_gen,
-        dtype=dtype,
-        device=device,
-    )
-    q = torch.randn(
-        (sum(query_lens), shape.num_heads, shape.head_dim),
-        generator=dev_gen,
-        dtype=dtype,
-        device=device,
-    )
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    return PagedInputs(
-        q=q,
-        kv_cache=kv_cache,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=block_tables.to(device),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        scale=shape.head_dim**-0.5,
-    )
 
 
 def torch_decode_attention(
@@ -675,13 +528,12 @@ def _times(value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser = new_parser("bench.kernels", __doc__)
+    add_out(parser)
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="which rows to run")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.kernels needs a CUDA GPU", file=sys.stderr)
+    if not cuda_available("bench.kernels"):
         return 2
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
@@ -697,8 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "all_ok": all(bool(row["ok"]) for row in rows),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0 if result["all_ok"] else 1
 

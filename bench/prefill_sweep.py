@@ -3,29 +3,29 @@ one the launcher picks, on the prefill shapes of a busy step.
 
     python -m bench.prefill_sweep --out results/prefill-sweep.json
 
-Needs a CUDA GPU. For each model shape (``bench.kernels.SHAPES``: head dim 128 and 64, 32 query
-and 8 KV heads, bf16, block size 16) and each case (sequences x new tokens over a cached prefix),
-every configuration is first checked against the fp32 reference (max error within 1e-2 of the
-largest reference value) and then timed (median of ``triton.testing.do_bench``). A configuration
-that does not compile (shared memory) or is wrong is recorded as such. The table gives, per case,
-the launcher's default, the fastest configuration and the speed-up between them. A configuration's
-M counts tile rows, (token, query head) pairs: with 4 query heads per KV head a 64-row tile covers
-16 tokens.
+Needs a CUDA GPU. For each model shape (``bench.harness.kernel_inputs.SHAPES``: head dim 128 and
+64, 32 query and 8 KV heads, bf16, block size 16) and each case (sequences x new tokens over a
+cached prefix), every configuration is first checked against the fp32 reference (max error within
+1e-2 of the largest reference value) and then timed (median of ``triton.testing.do_bench``). A
+configuration that does not compile (shared memory) or is wrong is recorded as such. The table
+gives, per case, the launcher's default, the fastest configuration and the speed-up between them. A
+configuration's M counts tile rows, (token, query head) pairs: with 4 query heads per KV head a
+64-row tile covers 16 tokens.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.kernels import BLOCK_SIZE, SHAPES, LayerShape, checked_time, make_paged_inputs
+from bench.harness.cli import add_out, cuda_available, new_parser
+from bench.harness.kernel_inputs import BLOCK_SIZE, SHAPES, LayerShape, make_paged_inputs
+from bench.harness.kernel_timing import checked_time
+from bench.harness.metadata import command_line, utc_timestamp
+from bench.harness.results import write_json
 from loomserve.kernels.paged_prefill_attention import (
     LaunchConfig,
     default_launch_config,
@@ -67,11 +67,10 @@ def sweep_case(shape: LayerShape, case: tuple[int, int, int], configs: tuple[Lau
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.prefill_sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = new_parser("bench.prefill_sweep", __doc__)
+    add_out(parser, help=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if not cuda_available("bench.prefill_sweep"):
         return 2
     rows = []
     for shape in SHAPES:
@@ -81,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             base_us = r["default"].get("us")
             print(f"{shape.name} {case}: default {r['default']['config']} {base_us} us, best {r['best']['config']} "
                   f"{r['best']['us']:.1f} us", flush=True)
-    result = {"command": " ".join(["python -m bench.prefill_sweep", *(argv if argv is not None else sys.argv[1:])]),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cases": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": command_line("bench.prefill_sweep", argv), "date": utc_timestamp(),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": rows}
+    write_json(args.out, result)
     print("| shape | sequences x new (prefix) | default (M, N, warps, stages) | µs | TFLOP/s | best | µs | TFLOP/s | "
           "speed-up |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

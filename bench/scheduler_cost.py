@@ -34,183 +34,40 @@ its time went (the process loop and sockets included), at the price of slower st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import io
-import json
 import logging
 import math
 import os
-import platform
 import pstats
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import zmq
 
 from bench.echo_worker import BLOCK_SIZE, EchoConfig, EchoRunner
-from bench.serving import _git_state
-from bench.workloads import DEFAULT_VOCAB_SIZE
+from bench.harness import plots
+from bench.harness.cli import add_output_json, new_parser, setup_logging
+from bench.harness.metadata import command_line, run_metadata
+from bench.harness.processes import ProcessGroup
+from bench.harness.profiles import format_top, profile_file_summary, top_functions
+from bench.harness.results import write_chart, write_json
+from bench.harness.stacks import BackendOptions, start_backend
+from bench.workloads import random_prompts
 from loomserve.scheduler.kv_cache_manager import KVCacheManager
 from loomserve.scheduler.request import Request
 from loomserve.scheduler.scheduler import Scheduler
 from loomserve.shared import messages as m
 from loomserve.shared.config import SchedulerConfig
-from loomserve.shared.process import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "loomserve.bench.scheduler_cost/1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEQS = (1, 16, 64, 256)
-_STOP_TIMEOUT_S = 15.0
-_LOG_TAIL_CHARS = 3000
-
-
-# -- processes -----------------------------------------------------------------
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time of every thread of ``pid`` so far (schedstat: nanoseconds), None if unreadable."""
-    total_ns = 0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            total_ns += int((task / "schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total_ns / 1e9
-
-
-class ProcessGroup:
-    """The benchmark's OS processes, each logging to a file in one temporary directory.
-
-    ``stop`` (also on leaving the ``with`` block) sends SIGTERM to all, kills what is still
-    alive after a grace period and removes the directory. The children stop on their own
-    if this process dies: the kernel sends them SIGTERM (PR_SET_PDEATHSIG) and their
-    parent watchdog sees the pid go.
-    """
-
-    def __init__(self, profile_dir: Path | None = None) -> None:
-        self.runtime = Path(tempfile.mkdtemp(prefix="loomserve-bench-"))
-        self.profile_dir = profile_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: dict[str, IO[bytes]] = {}
-
-    def __enter__(self) -> ProcessGroup:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def address(self, name: str) -> str:
-        return f"ipc://{self.runtime}/{name}.sock"
-
-    def spawn(self, name: str, module_argv: list[str], profile: bool = False) -> subprocess.Popen[bytes]:
-        """Start ``python -m <module_argv>``, under cProfile into ``profile_dir/<name>.prof`` if asked."""
-        prefix: list[str] = []
-        if profile and self.profile_dir is not None:
-            self.profile_dir.mkdir(parents=True, exist_ok=True)
-            prefix = ["-m", "cProfile", "-o", str(self.profile_dir / f"{name}.prof")]
-        log_file = (self.runtime / f"{name}.log").open("wb")
-        self._logs[name] = log_file
-        proc = subprocess.Popen(
-            [sys.executable, *prefix, "-m", *module_argv],
-            cwd=REPO_ROOT,
-            env={**os.environ, "LOOMSERVE_SUPERVISOR_PID": str(os.getpid())},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        logger.info("started %s (pid %d)", name, proc.pid)
-        return proc
-
-    def log_tail(self, name: str) -> str:
-        path = self.runtime / f"{name}.log"
-        return path.read_text(errors="replace")[-_LOG_TAIL_CHARS:] if path.exists() else ""
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-
-    @contextlib.contextmanager
-    def paused(self, name: str) -> Iterator[None]:
-        """Stop process ``name`` (SIGSTOP) for the ``with`` block, then let it go on."""
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            proc.send_signal(signal.SIGCONT)
-
-    def cpu_seconds(self) -> dict[str, float | None]:
-        return {name: process_cpu_seconds(proc.pid) for name, proc in self.procs.items()}
-
-    def stop(self) -> None:
-        try:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + _STOP_TIMEOUT_S
-            for name, proc in self.procs.items():
-                try:
-                    proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, proc.pid, _STOP_TIMEOUT_S)
-                    proc.kill()
-                    proc.wait()
-        finally:
-            for log_file in self._logs.values():
-                log_file.close()
-            self.procs.clear()
-            self._logs.clear()
-            shutil.rmtree(self.runtime, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Scheduler and echo worker settings; KV cache and model length sized by the caller."""
-
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    num_kv_blocks: int = 65536
-    max_model_len: int = 8192
-    enable_prefix_caching: bool = True
-
-
-def start_backend(group: ProcessGroup, options: BackendOptions) -> str:
-    """Start a scheduler and an echo worker in ``group``; return the scheduler's gateway address."""
-    gateway_address = group.address("gateway")
-    worker_address = group.address("worker")
-    group.spawn("scheduler", [
-        "loomserve.cli", "scheduler",
-        "--gateway-address", gateway_address,
-        "--worker-address", worker_address,
-        "--max-num-seqs", str(options.max_num_seqs),
-        "--max-num-batched-tokens", str(options.max_num_batched_tokens),
-        "--enable-prefix-caching", str(options.enable_prefix_caching).lower(),
-    ], profile=True)
-    group.spawn("echo-worker", [
-        "bench.echo_worker",
-        "--scheduler-address", worker_address,
-        "--num-kv-blocks", str(options.num_kv_blocks),
-        "--max-model-len", str(options.max_model_len),
-    ])
-    return gateway_address
 
 
 class GatewaySocket:
@@ -270,12 +127,6 @@ class GatewaySocket:
     def close(self) -> None:
         self._sock.close(linger=0)
         self._ctx.term()
-
-
-def random_prompts(count: int, length: int, seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[list[int]]:
-    """Distinct random prompts: no two share a first block, so the prefix cache never hits."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, vocab_size, size=(count, length)).tolist()
 
 
 def run_to_length(max_tokens: int) -> m.SamplingParams:
@@ -518,70 +369,7 @@ def measure_in_process(num_seqs: int, options: RunOptions, top: int) -> PhaseCos
     return cost
 
 
-# -- profiles and reports ------------------------------------------------------------
-
-
-def top_functions(stats: pstats.Stats, sort: str, per: int, limit: int) -> list[dict[str, Any]]:
-    """The ``limit`` heaviest functions by ``sort``, times in µs per ``per`` (steps, tokens...)."""
-    key = 2 if sort == "tottime" else 3
-    # pstats keeps (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
-    entries: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
-    rows = sorted(entries.items(), key=lambda item: item[1][key], reverse=True)[:limit]
-    return [
-        {
-            "function": _function_name(file, line, name),
-            "calls": calls / per,
-            "tottime_us": tottime * 1e6 / per,
-            "cumtime_us": cumtime * 1e6 / per,
-        }
-        for (file, line, name), (_, calls, tottime, cumtime, _) in rows
-    ]
-
-
-def _function_name(file: str, line: int, name: str) -> str:
-    if file == "~":
-        return name  # a builtin: "<method 'send' of ...>"
-    # Short paths: relative to the repository, or from the package directory for libraries.
-    _, site, package_path = file.rpartition("site-packages/")
-    if site:
-        file = package_path
-    elif Path(file).is_relative_to(REPO_ROOT):
-        file = str(Path(file).relative_to(REPO_ROOT))
-    return f"{file}:{line}({name})"
-
-
-def format_top(rows: list[dict[str, Any]], unit: str) -> str:
-    lines = [f"{'calls':>8} {'tottime':>10} {'cumtime':>10}  function   (per {unit}, times in µs)"]
-    lines += [f"{r['calls']:>8.1f} {r['tottime_us']:>10.1f} {r['cumtime_us']:>10.1f}  {r['function']}" for r in rows]
-    return "\n".join(lines)
-
-
-def profile_file_summary(path: Path, per: int, unit: str, top: int) -> dict[str, Any] | None:
-    """Top functions of a cProfile output file written by a profiled child process."""
-    if not path.exists():
-        logger.warning("no profile at %s (did the process exit cleanly?)", path)
-        return None
-    stats = pstats.Stats(str(path), stream=io.StringIO())
-    return {
-        "path": str(path),
-        "per": unit,
-        "top_tottime": top_functions(stats, "tottime", per, top),
-        "top_cumtime": top_functions(stats, "cumulative", per, top),
-    }
-
-
-def run_metadata(prog: str, argv: Sequence[str]) -> dict[str, Any]:
-    commit, dirty = _git_state()
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, "-m", prog, *argv]),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-    }
+# -- reports --------------------------------------------------------------------------
 
 
 def format_table(results: list[StepCost]) -> str:
@@ -613,9 +401,29 @@ def format_table(results: list[StepCost]) -> str:
     return "\n".join(lines)
 
 
+def figure(report: dict[str, Any]) -> plots.Chart:
+    """Step time and throughput against the number of running sequences."""
+    rows = report["results"]
+    seqs = tuple(r["num_seqs"] for r in rows)
+
+    def curve(label: str, values: list[float | None]) -> plots.Series:
+        return plots.series(label, list(zip(seqs, values, strict=True)))
+
+    in_process = [r["in_process"]["scheduler_total_us"] if r["in_process"] else None for r in rows]
+    step = plots.Panel("one step, as the gateway sees it", "running sequences", "µs per step", (
+        curve("step p50", [r["step_us_p50"] for r in rows]),
+        curve("step p95", [r["step_us_p95"] for r in rows]),
+        curve("scheduler CPU", [r["scheduler_cpu_us_per_step"] for r in rows]),
+        curve("echo worker CPU", [r["worker_cpu_us_per_step"] for r in rows]),
+        curve("scheduler in process, p50", in_process),
+    ), logx=plots.wide(seqs), xticks=seqs)
+    tokens = plots.Panel("tokens out of the scheduler", "running sequences", "tokens/s",
+                         (curve("tokens/s", [r["tokens_per_s"] for r in rows]),), logx=plots.wide(seqs), xticks=seqs)
+    return plots.Chart(f"Scheduler cost per step ({report['metadata']['date']})", (step, tokens))
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.scheduler_cost",
-                                     description="Microseconds per scheduler step, with an echo worker.")
+    parser = new_parser("bench.scheduler_cost", "Microseconds per scheduler step, with an echo worker.")
     parser.add_argument("--seqs", type=int, nargs="+", default=list(DEFAULT_SEQS),
                         help="running sequences to measure (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=RunOptions.prompt_len,
@@ -634,7 +442,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="also run the scheduler process under cProfile, writing scheduler.prof here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-json", type=Path, default=None, help="write results here")
+    add_output_json(parser)
     args = parser.parse_args(argv)
     if min(args.seqs) < 1 or args.steps < 2 or args.prompt_len < 1 or args.warmup_steps < 0:
         parser.error("--seqs, --prompt-len and --steps must be positive (--steps at least 2)")
@@ -643,11 +451,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     options = RunOptions(prompt_len=args.prompt_len, steps=args.steps, warmup_steps=args.warmup_steps,
                          profile_steps=args.profile_steps if args.in_process else 0,
                          max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
-    metadata = run_metadata("bench.scheduler_cost", sys.argv[1:] if argv is None else argv)
+    metadata = {**run_metadata(command_line("bench.scheduler_cost", argv)), "cpu_count": os.cpu_count()}
     results: list[StepCost] = []
     with ProcessGroup(args.profile_dir) as group:
         client = GatewaySocket(start_backend(group, options.backend(max(args.seqs))))
@@ -677,7 +485,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nscheduler process cProfile ({process_profile['path']}), by own time:")
         print(format_top(process_profile["top_tottime"], "timed step"))
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "schema": RESULT_SCHEMA,
             "metadata": metadata,
@@ -685,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": [asdict(r) for r in results],
             "scheduler_process_profile": process_profile,
         }
-        args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.output_json, report)
+        write_chart(args.output_json, figure(report))
         print(f"\nresults written to {args.output_json}")
     return 0
 

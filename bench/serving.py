@@ -51,24 +51,23 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import platform
-import shlex
-import socket
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import numpy as np
 
+from bench.harness import plots
+from bench.harness.cli import add_output_json, new_parser, setup_logging
+from bench.harness.metadata import command_line, run_metadata
+from bench.harness.metrics import BenchMetrics, LatencySummary, RequestOutcome, compute_metrics
+from bench.harness.results import write_chart, write_json
 from bench.workloads import (
     DEFAULT_VOCAB_SIZE,
     SYNTHETIC_WORKLOADS,
@@ -136,67 +135,6 @@ class BenchConfig:
         """The processes a run uses: client_processes, but none without a request or a slot."""
         most = min(self.client_processes, len(self.workload.requests))
         return most if self.concurrency is None else min(most, self.concurrency)
-
-
-@dataclass
-class RequestOutcome:
-    """What one request measured; times in seconds, None where it never got that far."""
-
-    prompt_len: int  # the server's count (usage.prompt_tokens) when it sent one
-    planned_output_len: int
-    output_tokens: int = 0
-    ttft_s: float | None = None
-    e2el_s: float | None = None
-    itls_s: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def success(self) -> bool:
-        return self.error is None
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.ttft_s is None or self.e2el_s is None or self.output_tokens < 2:
-            return None
-        return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
-
-
-@dataclass(frozen=True)
-class LatencySummary:
-    """Milliseconds over one metric's samples."""
-
-    mean: float
-    median: float
-    p95: float
-    p99: float
-
-    @classmethod
-    def of_seconds(cls, samples: Sequence[float]) -> LatencySummary | None:
-        if not samples:
-            return None
-        ms = np.asarray(samples, dtype=np.float64) * 1000.0
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        return cls(float(ms.mean()), float(p50), float(p95), float(p99))
-
-
-@dataclass(frozen=True)
-class BenchMetrics:
-    completed: int
-    failed: int
-    duration_s: float
-    total_input_tokens: int
-    total_output_tokens: int
-    request_throughput: float  # completed requests / s
-    output_throughput: float  # output tokens / s
-    total_token_throughput: float  # (input + output tokens) / s
-    ttft_ms: LatencySummary | None
-    tpot_ms: LatencySummary | None
-    itl_ms: LatencySummary | None
-    e2el_ms: LatencySummary | None
-    # Completed requests whose usage shows another length than planned although EOS was
-    # ignored: the server did not honour ignore_eos or max_tokens.
-    output_len_mismatches: int | None
-    errors: list[str]  # the first few failures, in request order
 
 
 @dataclass(frozen=True)
@@ -309,36 +247,6 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def compute_metrics(
-    outcomes: Sequence[RequestOutcome],
-    duration_s: float,
-    *,
-    ignore_eos: bool = True,
-    max_error_messages: int = 5,
-) -> BenchMetrics:
-    """Run-level metrics from per-request outcomes (failed requests count only as failed)."""
-    done = [o for o in outcomes if o.success]
-    failed = [(i, o) for i, o in enumerate(outcomes) if not o.success]
-    input_tokens = sum(o.prompt_len for o in done)
-    output_tokens = sum(o.output_tokens for o in done)
-    return BenchMetrics(
-        completed=len(done),
-        failed=len(failed),
-        duration_s=duration_s,
-        total_input_tokens=input_tokens,
-        total_output_tokens=output_tokens,
-        request_throughput=len(done) / duration_s,
-        output_throughput=output_tokens / duration_s,
-        total_token_throughput=(input_tokens + output_tokens) / duration_s,
-        ttft_ms=LatencySummary.of_seconds([o.ttft_s for o in done if o.ttft_s is not None]),
-        tpot_ms=LatencySummary.of_seconds([t for o in done if (t := o.tpot_s) is not None]),
-        itl_ms=LatencySummary.of_seconds([gap for o in done for gap in o.itls_s]),
-        e2el_ms=LatencySummary.of_seconds([o.e2el_s for o in done if o.e2el_s is not None]),
-        output_len_mismatches=(sum(o.output_tokens != o.planned_output_len for o in done) if ignore_eos else None),
-        errors=[f"request {i}: {o.error}" for i, o in failed[:max_error_messages]],
-    )
-
-
 def poisson_arrivals(num_requests: int, request_rate: float, seed: int) -> list[float]:
     """Send offsets in seconds: exponential gaps at request_rate, the first at 0."""
     if math.isinf(request_rate):
@@ -388,7 +296,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             metrics.output_len_mismatches,
         )
     client_cpu_s = parent_cpu_s + sum(run.cpu_s for run in runs)
-    return BenchResult(config, model, run_metadata(config), metrics, outcomes, client_cpu_s, window)
+    return BenchResult(config, model, run_metadata(config.command), metrics, outcomes, client_cpu_s, window)
 
 
 @dataclass(frozen=True)
@@ -576,19 +484,6 @@ async def _send_requests(
     return ShardRun(outcomes, first_send, last_response, time.process_time() - cpu_before)
 
 
-def run_metadata(config: BenchConfig) -> dict[str, Any]:
-    commit, dirty = _git_state()
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": config.command,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 class _Progress:
     """Logs every tenth of the run, so long benchmarks show they are moving."""
 
@@ -718,44 +613,44 @@ def _has_content(chunk: dict[str, Any], endpoint: Endpoint) -> bool:
 
 
 def _summary_json(summary: LatencySummary | None) -> dict[str, float] | None:
-    if summary is None:
-        return None
-    return {"mean": summary.mean, "median": summary.median, "p95": summary.p95, "p99": summary.p99}
+    return None if summary is None else summary.to_json()
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def _git_state() -> tuple[str | None, bool | None]:
-    """The checkout's commit and whether it has uncommitted changes (None where unknown)."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    sha = commit.stdout.strip() if commit.returncode == 0 else None
-    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-    return sha, dirty
+def latency_chart(title: str, runs: Mapping[str, Mapping[str, Any]]) -> plots.Chart | None:
+    """The distributions of TTFT and TPOT over the completed requests of ``bench.serving``
+    results (their JSON), one curve per label; None where no request completed."""
+    panels = []
+    for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+        curves = tuple(plots.cdf(label, [r[key] for r in run["requests"] if r["error"] is None and r[key] is not None])
+                       for label, run in runs.items())
+        samples = [x for curve in curves for x in curve.x]
+        if samples:
+            # Queueing can spread TTFT over orders of magnitude: then a log axis shows the fast ones.
+            panels.append(plots.Panel(f"{name} distribution", f"{name} (ms)", "fraction of requests",
+                                      curves, style="step", logx=plots.wide(samples)))
+    return plots.Chart(title, tuple(panels)) if panels else None
 
 
-def _redacted_command(argv: Sequence[str]) -> str:
-    """The command line as run, with the API key masked: result files get shared."""
-    words = list(argv)
-    for i, word in enumerate(words):
-        if word == "--api-key" and i + 1 < len(words):
-            words[i + 1] = "***"
-        elif word.startswith("--api-key="):
-            words[i] = "--api-key=***"
-    return shlex.join(words)
+def describe_load(result: Mapping[str, Any]) -> str:
+    """``rag, 200 requests, concurrency 32, all at once`` from a result's JSON."""
+    config, workload = result["config"], result["workload"]
+    rate = "all at once" if config["request_rate"] is None else f"{config['request_rate']:g} requests/s"
+    return (f"{workload['name']}, {workload['num_requests']} requests, "
+            f"concurrency {config['concurrency'] or 'unlimited'}, {rate}")
+
+
+def figure(result: Mapping[str, Any]) -> plots.Chart | None:
+    """The chart of a result file: its TTFT and TPOT distributions."""
+    title = f"{result['label'] or result['config']['model']}: {describe_load(result)}"
+    return latency_chart(title, {result["label"] or "requests": result})
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serving",
-        description="Benchmark an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, throughput).",
-    )
+    parser = new_parser("bench.serving", "Benchmark an OpenAI-compatible server (TTFT, TPOT, ITL, E2EL, throughput).")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server root URL")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINT_PATHS), default="completions")
     parser.add_argument("--api-key", default=None, help="sent as a Bearer token")
@@ -805,7 +700,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="processes sending the requests, dealt round-robin (default: 1, this process)",
     )
-    parser.add_argument("--output-json", type=Path, default=None, help="write results here")
+    add_output_json(parser)
     parser.add_argument("--label", default=None, help="a name for this run in the results")
     return parser.parse_args(argv)
 
@@ -821,9 +716,7 @@ def _load_tokenizer(name: str | None) -> TextTokenizer | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: thousands of lines that would bury the progress.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging()
     num_requests = args.num_requests
     if num_requests is None and args.workload in SYNTHETIC_WORKLOADS:
         num_requests = DEFAULT_NUM_REQUESTS
@@ -850,9 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_timeout_s=args.request_timeout,
             label=args.label,
             client_processes=args.client_processes,
-            command=_redacted_command(
-                [sys.executable, "-m", "bench.serving", *(sys.argv[1:] if argv is None else argv)]
-            ),
+            command=command_line("bench.serving", argv),
         )
         result = asyncio.run(run_benchmark(config))
     except (ValueError, RuntimeError, OSError) as exc:
@@ -860,8 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(result.format_table())
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        summary = result.to_json()
+        write_json(args.output_json, summary)
+        write_chart(args.output_json, figure(summary))
         print(f"\nresults written to {args.output_json}")
     return 0 if result.metrics.completed else 1
 

@@ -13,18 +13,18 @@ why the cost grows with the step.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
-import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import zmq
+
+from bench.harness.cli import add_out, new_parser
+from bench.harness.metadata import command_line, utc_timestamp
+from bench.harness.results import write_json
+from bench.harness.stats import percentile
 
 PLAN_BYTES = 21_000
 RESULT_BYTES = 10_000
@@ -73,22 +73,19 @@ def round_trips(step_s: float, spin: bool, iterations: int) -> dict[str, Any]:
                 proc.kill()
             router.close(linger=0)
             ctx.term()
-    extra_us.sort()
     return {"step_ms": step_s * 1000, "scheduler_spins": spin, "iterations": iterations,
-            "p50_us": statistics.median(extra_us), "p90_us": extra_us[int(0.9 * (len(extra_us) - 1))]}
+            "p50_us": percentile(extra_us, 50), "p90_us": percentile(extra_us, 90, method="lower")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.socket_rtt", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = new_parser("bench.socket_rtt", __doc__)
+    add_out(parser, help=None)
     parser.add_argument("--steps-ms", type=float, nargs="+", default=[3.0, 14.0, 35.0])
     parser.add_argument("--iterations", type=int, default=200)
     args = parser.parse_args(argv)
     cases = [round_trips(step / 1000, spin, args.iterations) for step in args.steps_ms for spin in (False, True)]
-    result = {"command": " ".join(["python -m bench.socket_rtt", *(argv if argv is not None else sys.argv[1:])]),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "cases": cases}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": command_line("bench.socket_rtt", argv), "date": utc_timestamp(), "cases": cases}
+    write_json(args.out, result)
     for c in cases:
         print(f"step {c['step_ms']:.0f} ms, scheduler {'spins' if c['scheduler_spins'] else 'blocks in poll'}: "
               f"{c['p50_us']:.0f} us p50, {c['p90_us']:.0f} us p90 beyond the step")

@@ -25,33 +25,28 @@ Per case:
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench import gpu_engine
-from bench.ablation import ShapeCosts, matmul_peak_flops
-from bench.serving import _git_state
+from bench.harness.cli import add_out, new_parser, setup_logging
+from bench.harness.device_memory import free_device_memory
+from bench.harness.engine import BENCH_SHAPES, MAX_MODEL_LEN, SMOKE_SHAPE
+from bench.harness.metadata import command_line, git_state, utc_timestamp
+from bench.harness.model_costs import ShapeCosts
+from bench.harness.results import write_json
+from bench.harness.rooflines import copy_bandwidth, matmul_peak_flops
 from loomserve.shared.config import WorkerConfig
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.cuda_graphs import pad_decode_batch
 from loomserve.worker.device import DeviceInfo
 from loomserve.worker.model_runner import ModelRunner
-
-SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
-SMOKE_SHAPE = "llama-tiny"
-MAX_MODEL_LEN = 8192
 
 
 @dataclass(frozen=True)
@@ -302,31 +297,31 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.step_profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = new_parser("bench.step_profile", __doc__)
+    add_out(parser, help=None)
     parser.add_argument("--shapes", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_SHAPE} on the CPU: proves the code paths")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging("%(asctime)s %(name)s %(levelname)s: %(message)s")
     smoke = args.smoke
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
     if device.type == "cuda":
-        peak, copy_bw = matmul_peak_flops("cuda", dtype, 8192), gpu_engine.copy_bandwidth(device)
+        peak, copy_bw = matmul_peak_flops("cuda", dtype, 8192), copy_bandwidth(device)
     else:
         peak, copy_bw = 1e12, 1e10  # nominal: the smoke run measures nothing
     result: dict[str, Any] = {
-        "command": " ".join(["python -m bench.step_profile", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command_line("bench.step_profile", argv),
+        "date": utc_timestamp(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "git": _git_state(),
+        "git": git_state(),
         "torch": torch.__version__,
         "matmul_peak_flops": peak,
         "copy_bandwidth_bytes_per_s": copy_bw,
         "shapes": [],
     }
-    for shape in args.shapes or ((SMOKE_SHAPE,) if smoke else SHAPES):
+    for shape in args.shapes or ((SMOKE_SHAPE,) if smoke else BENCH_SHAPES):
         config = WorkerConfig(model=shape, load_format="dummy", device=device.type, max_model_len=MAX_MODEL_LEN,
                               kv_cache_gb=0.25)
         runner = ModelRunner(config, shape, DeviceInfo.resolve(config))
@@ -340,10 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} {case.name}: served {c['served_ms']:.2f} ms ({c['served_as']}), "
                   f"kernels {c['kernel_ms']:.2f} ms", flush=True)
         del runner
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        free_device_memory(device.type)
+    write_json(args.out, result)
     print(format_markdown(result))
     return 0
 

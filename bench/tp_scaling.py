@@ -25,34 +25,34 @@ configuration, so a run cut short keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from bench.ablation import ShapeCosts
-from bench.gateway_cost import free_port
-from bench.gpu_engine import (
+from bench.harness import plots
+from bench.harness.cli import add_out, cuda_available, elapsed_s, new_parser, progress
+from bench.harness.engine import (
     MAX_MODEL_LEN,
     WARMUP_MAX_SEQS,
-    WARMUP_PROMPTS,
     batch1_decode,
-    copy_bandwidth,
-    random_prompt,
     run_workload,
     summarise,
+    warmup_requests,
 )
-from bench.workloads import rag_workload
+from bench.harness.metadata import command_line, utc_timestamp
+from bench.harness.model_costs import ShapeCosts
+from bench.harness.readiness import free_port
+from bench.harness.results import write_chart, write_json
+from bench.harness.rooflines import copy_bandwidth, median_seconds
+from bench.workloads import rag_workload, token_requests
 from loomserve.local_engine import LocalEngine
 from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.worker.parallel import TensorParallel, init_tensor_parallel
@@ -60,31 +60,13 @@ from loomserve.worker.parallel import TensorParallel, init_tensor_parallel
 ALL_REDUCE_TOKENS = (1, 64, 256)
 FIT_FRACTION = 0.85
 
-_started = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _started:6.1f} s] {message}", flush=True)
-
-
-def _timed_ms(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
-
 
 def all_reduce_ms(tp: TensorParallel, hidden: int, tokens: int, count: int, device: torch.device) -> dict[str, float]:
     """(one eager all-reduce, ``count`` all-reduces replayed from one CUDA graph), in ms."""
     x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=device)
     for _ in range(5):
         tp.all_reduce(x)
-    eager = _timed_ms(lambda: tp.all_reduce(x), 50)
+    eager = median_seconds(lambda: tp.all_reduce(x), device, 50, warmup=0) * 1000.0
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -95,7 +77,7 @@ def all_reduce_ms(tp: TensorParallel, hidden: int, tokens: int, count: int, devi
         for _ in range(count):
             tp.all_reduce(x)
     graph.replay()
-    per_step = _timed_ms(graph.replay, 20)
+    per_step = median_seconds(graph.replay, device, 20, warmup=0) * 1000.0
     return {"one_eager_ms": eager, "per_step_ms": per_step, "per_all_reduce_in_graph_ms": per_step / count}
 
 
@@ -113,18 +95,15 @@ def _rank_main(rank: int, size: int, address: str, shape: str, num_requests: int
     startup_s = time.monotonic() - begin
     if rank == 0:
         progress(f"{shape} TP={size}: ready in {startup_s:.1f} s, {runner.num_blocks} KV blocks")
-    rng = np.random.default_rng(0)
-    warmup = [(random_prompt(rng, n), 8 + 4 * i) for i, n in enumerate(WARMUP_PROMPTS)]
-    run_workload(engine, warmup, SchedulerConfig(max_num_seqs=WARMUP_MAX_SEQS), True)
+    run_workload(engine, warmup_requests(), SchedulerConfig(max_num_seqs=WARMUP_MAX_SEQS), True)
     batch1 = batch1_decode(engine, True, copy_bw)
-    if size > 1:  # bench.gpu_engine's roofline counts one rank's weights against the whole KV cache
+    if size > 1:  # batch1_decode's roofline counts one rank's weights against the whole KV cache
         for key in ("bytes_per_step", "roofline_tokens_per_s", "fraction_of_roofline"):
             batch1.pop(key)
     if rank == 0:
         progress(f"{shape} TP={size}: batch-1 decode {batch1['median_step_ms']:.2f} ms a step "
                  f"({batch1['tokens_per_s']:.1f} tokens/s)")
-    workload = rag_workload(num_requests, seed=0, max_model_len=MAX_MODEL_LEN)
-    requests = [([int(t) for t in r.prompt], min(r.output_len, max_output_len)) for r in workload.requests]
+    requests, _ = token_requests(rag_workload(num_requests, seed=0, max_model_len=MAX_MODEL_LEN), max_output_len)
     config = SchedulerConfig(max_num_seqs=max(1, num_requests // 4))
     rag = summarise(run_workload(engine, requests, config, True))
     if rank == 0:
@@ -166,6 +145,25 @@ def _efficiency(rows: list[dict[str, Any]]) -> None:
             row["latency_efficiency"] = row["latency_speedup"] / n
 
 
+def figure(result: dict[str, Any]) -> plots.Chart | None:
+    """Per shape, rag throughput and the batch-1 step against the group size; None without rows."""
+    shapes = dict.fromkeys(row["shape"] for row in result["rows"])
+
+    def per_shape(value: Callable[[dict[str, Any]], float]) -> tuple[plots.Series, ...]:
+        return tuple(plots.series(shape, [(r["tp"], value(r)) for r in result["rows"] if r["shape"] == shape])
+                     for shape in shapes)
+
+    if not shapes:
+        return None
+    sizes = tuple(sorted({r["tp"] for r in result["rows"]}))
+    return plots.Chart(f"Tensor parallelism, engine alone: {result['device']}, {result['date']}", (
+        plots.Panel("rag throughput", "tensor-parallel GPUs", "output tokens/s",
+                    per_shape(lambda r: r["rag"]["output_tokens_per_s"]), xticks=sizes),
+        plots.Panel("batch-1 decode", "tensor-parallel GPUs", "ms per step",
+                    per_shape(lambda r: r["batch1_decode"]["median_step_ms"]), xticks=sizes),
+    ))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'shape':<15}{'TP':>3}{'b1 ms/step':>11}{'b1 tok/s':>9}{'speedup':>8}{'rag tok/s':>10}"
              f"{'scaling':>8}{'eff':>6}{'TTFT p50':>9}{'p95':>7}{'AR ms/step b1':>14}{'b256':>7}"]
@@ -180,28 +178,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser = new_parser("bench.tp_scaling", __doc__)
+    add_out(parser)
     parser.add_argument("--shapes", nargs="+", default=["llama-3.1-8b"], help="dummy model shapes, in order")
     parser.add_argument("--tp", nargs="+", type=int, default=[1, 2], help="group sizes, in order")
     parser.add_argument("--num-requests", type=int, default=128, help="rag requests per configuration")
     parser.add_argument("--max-output-len", type=int, default=1024, help="cap on the rag output lengths")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.tp_scaling needs CUDA GPUs", file=sys.stderr)
+    if not cuda_available("bench.tp_scaling", "CUDA GPUs"):
         return 2
     gpus = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     card_bytes = torch.cuda.get_device_properties(0).total_memory
     copy_bw = copy_bandwidth(torch.device("cuda", 0))
     progress(f"{gpus} x {name}; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     result: dict[str, Any] = {
         "device": f"{gpus} x {name}",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.tp_scaling", *(argv if argv is not None else sys.argv[1:])]),
+        "date": utc_timestamp(),
+        "command": command_line("bench.tp_scaling", argv),
         "torch": torch.__version__,
         "copy_bandwidth_bytes_per_s": copy_bw,
         "rows": rows,
@@ -224,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                                      args.max_output_len, copy_bw, str(rank_out)))
             rows.append(json.loads(rank_out.read_text()))
             _efficiency(rows)
-            result["elapsed_s"] = time.monotonic() - _started
-            args.out.write_text(json.dumps(result, indent=2))
+            result["elapsed_s"] = elapsed_s()
+            write_json(args.out, result)
     rank_out.unlink(missing_ok=True)
+    write_chart(args.out, figure(result))
     print(format_table(rows))
     progress(f"wrote {args.out}")
     return 0

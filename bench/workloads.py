@@ -20,6 +20,7 @@ and the workload records how many requests that changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -271,6 +272,38 @@ def build_workload(
     raise ValueError(
         f"unknown workload {name!r}: use one of {', '.join(SYNTHETIC_WORKLOADS)} or the path of a .jsonl file"
     )
+
+
+# A request as the in-process benchmarks hand it to an engine: (prompt token ids, output length).
+TokenRequest = tuple[list[int], int]
+
+
+def cap_outputs(workload: Workload, max_output_len: int | None) -> Workload:
+    """The workload with every output capped at ``max_output_len`` (recorded in its params)."""
+    if max_output_len is None:
+        return workload
+    requests = tuple(BenchRequest(r.prompt, r.prompt_len, min(r.output_len, max_output_len))
+                     for r in workload.requests)
+    return dataclasses.replace(workload, requests=requests,
+                               params={**workload.params, "max_output_len": max_output_len})
+
+
+def token_requests(workload: Workload, max_output_len: int) -> tuple[list[TokenRequest], int]:
+    """A token-id workload's requests with outputs capped at ``max_output_len``, and how many
+    the cap shortened."""
+    requests = [([int(t) for t in r.prompt], min(r.output_len, max_output_len)) for r in workload.requests]
+    return requests, sum(r.output_len > max_output_len for r in workload.requests)
+
+
+def token_workload(name: str, requests: Sequence[TokenRequest], params: dict[str, object] | None = None) -> Workload:
+    """Token-id requests as a workload, for ``bench.serving``."""
+    return Workload(name, tuple(BenchRequest(p, len(p), n) for p, n in requests), params or {})
+
+
+def random_prompts(count: int, length: int, seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[list[int]]:
+    """Distinct random prompts: no two share a first block, so the prefix cache never hits."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, size=(count, length)).tolist()
 
 
 class _PromptBuilder:

@@ -7,8 +7,9 @@ import argparse
 import pytest
 import torch
 
-from bench.decode_sweep import copy_bandwidth, parse_config, sweep_case
-from bench.kernels import LLAMA_3_1_8B
+from bench.decode_sweep import parse_config, sweep_case
+from bench.harness.kernel_inputs import LLAMA_3_1_8B
+from bench.harness.rooflines import copy_bandwidth
 from loomserve.kernels.paged_decode_attention import DecodeConfig
 
 
@@ -16,7 +17,7 @@ from loomserve.kernels.paged_decode_attention import DecodeConfig
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cache", ["bf16", "fp8"])
 def test_sweep_case_times_the_default_the_grid_and_more_splits(cache: str) -> None:
-    result = sweep_case(LLAMA_3_1_8B, cache, (4, 3000), copy_bandwidth(1 << 26),
+    result = sweep_case(LLAMA_3_1_8B, cache, (4, 3000), copy_bandwidth("cuda", 1 << 26),
                         (DecodeConfig(64, 4, 2), DecodeConfig(32, 8, 3)))
     assert result["default"]["default"] and result["default"]["status"] == "ok"
     assert {c["num_splits"] for c in result["configs"]} == {result["default"]["num_splits"] * f for f in (1, 2, 4)}

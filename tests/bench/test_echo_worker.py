@@ -13,7 +13,9 @@ import zmq
 
 from bench import scheduler_cost
 from bench.echo_worker import DEFAULT_TOKEN_ID, EchoConfig, EchoRunner, PlanError
-from bench.scheduler_cost import BackendOptions, GatewaySocket, ProcessGroup, run_to_length, start_backend
+from bench.harness.processes import ProcessGroup
+from bench.harness.stacks import BackendOptions, start_backend
+from bench.scheduler_cost import GatewaySocket, run_to_length
 from loomserve.shared import messages as m
 
 
@@ -174,3 +176,10 @@ def test_scheduler_cost_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert result["in_process"]["scheduler_total_us"] > 0
         assert len(result["in_process"]["profile_top_tottime"]) == 5
     assert "step µs p50" in capsys.readouterr().out
+    # Its chart, from the report just written: step times and throughput against the sequences.
+    assert output.with_suffix(".png").stat().st_size > 0
+    step, tokens = scheduler_cost.figure(report).panels
+    assert [s.label for s in step.series] == ["step p50", "step p95", "scheduler CPU", "echo worker CPU",
+                                              "scheduler in process, p50"]
+    assert step.series[0].x == (1, 4) and step.xticks == (1, 4)
+    assert tokens.series[0].y == tuple(r["tokens_per_s"] for r in results)

@@ -1,21 +1,32 @@
-"""bench.gpu_engine's step timing, over a real engine on the CPU (dummy weights, tiny shape)."""
+"""bench.gpu_engine needs a GPU to measure anything; here, what runs without one (its engine
+driver is tested in tests/bench/harness/test_engine.py)."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from bench import gpu_engine
-from loomserve.local_engine import LocalEngine
-from loomserve.shared.config import SchedulerConfig, WorkerConfig
 
 
-def test_execute_times_split_each_step() -> None:
-    engine = LocalEngine(SchedulerConfig(), WorkerConfig(model="llama-tiny", load_format="dummy", device="cpu",
-                                                         kv_cache_gb=0.01, max_model_len=256), "llama-tiny")
-    requests = [([1, 2, 3, 4, 5], 4), ([7] * 40, 6)]
-    with gpu_engine.ExecuteTimes(engine.runner) as times:
-        gpu_engine.run_workload(engine, requests, SchedulerConfig(max_num_seqs=4), False)
-    summary = times.summary()
-    # Every step that sampled was finalized once; on the CPU the forward pass is host work.
-    assert summary["steps"] == len(times.forward_ms) >= 6
-    assert summary["mean_wait_ms"] == 0.0
-    assert 0.0 < summary["mean_host_ms"] <= summary["mean_forward_ms"]
-    assert engine.runner.finalize == times.finalize  # unwrapped again
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_main_needs_a_gpu(tmp_path, capsys) -> None:
+    assert gpu_engine.main(["--out", str(tmp_path / "e.json")]) == 2
+    assert "bench.gpu_engine needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_table_has_a_line_per_rag_run() -> None:
+    run = {"output_tokens_per_s": 1234.0, "ttft_p50_s": 0.5, "ttft_p95_s": 1.5, "duration_s": 10.0, "steps": 100,
+           "eager_steps": 3, "eager_steps_s": 0.2}
+    batch1 = {"tokens_per_s": 500.0, "roofline_tokens_per_s": 800.0}
+    shape: dict[str, object] = {
+        "shape": "llama-3.2-1b",
+        "batch1_decode": {"cuda_graphs": batch1, "eager": batch1},
+        "rag": {"num_requests": 8, "max_num_seqs": 2, "max_output_len": 64, "num_outputs_capped": 1,
+                "runs": {"continuous_cuda_graphs": run, "static_cuda_graphs": run}},
+    }
+    lines = gpu_engine.format_table([shape], "NVIDIA H100").splitlines()
+    assert lines[0] == "device: NVIDIA H100"
+    assert "graphs 500.0, eager 500.0, roofline 800.0" in lines[1]
+    assert [line.split()[0] for line in lines[-2:]] == ["continuous_cuda_graphs", "static_cuda_graphs"]

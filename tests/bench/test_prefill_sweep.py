@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.kernels import LLAMA_3_1_8B
+from bench.harness.kernel_inputs import LLAMA_3_1_8B
 from bench.prefill_sweep import sweep_case
 from loomserve.kernels.paged_prefill_attention import LaunchConfig
 

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.gateway_cost import GatewayRunOptions, free_port, start_stack
-from bench.scheduler_cost import ProcessGroup
+from bench.gateway_cost import GatewayRunOptions, start_stack
+from bench.harness.processes import ProcessGroup
+from bench.harness.readiness import free_port
 from bench.serving import BenchConfig, compute_metrics, run_benchmark
 from bench.workloads import BenchRequest, Workload
 

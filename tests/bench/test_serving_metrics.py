@@ -26,6 +26,7 @@ from bench.serving import (
     LatencySummary,
     RequestOutcome,
     compute_metrics,
+    figure,
     main,
     merge_outcomes,
     poisson_arrivals,
@@ -395,6 +396,13 @@ def test_cli_writes_the_result_file(server_url, tmp_path, capsys):
     assert metrics["client_cpu_s"] > 0
     assert metrics["client_cpu_us_per_output_token"] == pytest.approx(metrics["client_cpu_s"] * 1e6 / 9)
     assert len(result["requests"]) == 3 and result["requests"][0]["error"] is None
+    # Beside it, the chart of its TTFT and TPOT distributions.
+    assert out.with_suffix(".png").stat().st_size > 0
+    chart = figure(result)
+    assert chart is not None and chart.title == "smoke: jsonl, 3 requests, concurrency 2, all at once"
+    ttft, tpot = chart.panels
+    assert sorted(ttft.series[0].x) == sorted(r["ttft_ms"] for r in result["requests"])
+    assert tpot.series[0].y[-1] == 1.0
 
 
 def test_cli_reports_an_unreachable_server(capsys):

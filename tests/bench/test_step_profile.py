@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from bench import step_profile
-from bench.ablation import ShapeCosts
+from bench.harness.model_costs import ShapeCosts
 from bench.step_profile import CASES, OTHER, Case, build_step, family_of, step_work
 
 

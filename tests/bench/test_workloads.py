@@ -1,4 +1,5 @@
-"""Workload generators: determinism, the rag length statistics, clipping, shared prefixes."""
+"""Workload generators: determinism, the rag length statistics, clipping, shared prefixes; and the
+request sets derived from them (capped outputs, token-id requests)."""
 
 import itertools
 import json
@@ -15,10 +16,14 @@ from bench.workloads import (
     SHARED_PREFIX_OUTPUT_LEN,
     BenchRequest,
     build_workload,
+    cap_outputs,
     fit_lengths,
     jsonl_workload,
     rag_workload,
+    random_prompts,
     shared_prefix_workload,
+    token_requests,
+    token_workload,
 )
 
 
@@ -218,3 +223,30 @@ def test_build_workload_by_name():
         build_workload("sharegpt", 5)
     with pytest.raises(ValueError, match="number of requests"):
         build_workload("rag", None)
+
+
+def test_outputs_are_capped_and_the_cap_is_recorded() -> None:
+    workload = build_workload("rag", 20, seed=0)
+    capped = cap_outputs(workload, 16)
+    assert [r.output_len for r in capped.requests] == [min(r.output_len, 16) for r in workload.requests]
+    assert [r.prompt for r in capped.requests] == [r.prompt for r in workload.requests]
+    assert capped.params["max_output_len"] == 16
+    assert cap_outputs(workload, None) is workload
+
+
+def test_token_requests_round_trip() -> None:
+    workload = rag_workload(30, seed=1)
+    requests, num_capped = token_requests(workload, 100)
+    assert num_capped == sum(r.output_len > 100 for r in workload.requests) > 0
+    assert [(p, n) for p, n in requests] == [(list(r.prompt), min(r.output_len, 100)) for r in workload.requests]
+    assert all(isinstance(t, int) for p, _ in requests for t in p)
+    back = token_workload("again", requests, {"why": "test"})
+    assert (back.name, back.params) == ("again", {"why": "test"})
+    assert [(r.prompt, r.prompt_len, r.output_len) for r in back.requests] == [(p, len(p), n) for p, n in requests]
+
+
+def test_random_prompts_are_seeded_and_distinct() -> None:
+    prompts = random_prompts(8, 32, seed=3, vocab_size=1000)
+    assert prompts == random_prompts(8, 32, seed=3, vocab_size=1000)
+    assert len({tuple(p[:16]) for p in prompts}) == 8
+    assert all(len(p) == 32 and min(p) >= 0 and max(p) < 1000 for p in prompts)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from bench.kernels import KERNELS, LayerShape, Timing, format_table, graph_us, main, run_all
+from bench.harness.kernel_inputs import LayerShape
+from bench.harness.kernel_timing import Timing, graph_us
+from bench.kernels import KERNELS, format_table, main, run_all
 
 TINY = LayerShape("tiny", num_heads=4, num_kv_heads=2, head_dim=16, hidden=48, intermediate=40, vocab=100)
 

@@ -1,0 +1,1 @@
+"""What the benchmark scripts share, one concept per module (bench/README.md lists them)."""
