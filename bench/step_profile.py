@@ -42,7 +42,7 @@ from bench.harness.metadata import command_line, git_state, utc_timestamp
 from bench.harness.model_costs import ShapeCosts
 from bench.harness.results import write_json
 from bench.harness.rooflines import copy_bandwidth, matmul_peak_flops
-from loomserve.shared.config import WorkerConfig
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.cuda_graphs import pad_decode_batch
 from loomserve.worker.device import DeviceInfo
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes or ((SMOKE_SHAPE,) if smoke else BENCH_SHAPES):
         config = WorkerConfig(model=shape, load_format="dummy", device=device.type, max_model_len=MAX_MODEL_LEN,
                               kv_cache_gb=0.25)
-        runner = ModelRunner(config, shape, DeviceInfo.resolve(config))
+        runner = ModelRunner(config, shape, DeviceInfo.resolve(config), SchedulerConfig().step_limits())
         costs = ShapeCosts.of(shape, dtype)
         cases = [c.scaled(16) for c in CASES] if smoke else list(CASES)
         entry: dict[str, Any] = {"shape": shape, "cases": []}

@@ -126,13 +126,12 @@ def _gateway_children(config: GatewayConfig, count: int, metrics_dir: str) -> li
 
 def serve_configs(ns: argparse.Namespace, runtime: str) -> tuple[SchedulerConfig, WorkerConfig, GatewayConfig]:
     """The three processes' configurations under ``serve``, joined by ipc sockets in ``runtime``.
-    The worker captures CUDA graphs for batches of up to --max-num-seqs sequences unless told."""
+    The worker learns the scheduler's step limits from the scheduler itself (``StepLimits``)."""
     gateway_address = f"ipc://{runtime}/gateway.sock"
     worker_address = f"ipc://{runtime}/worker.sock"
     scheduler = from_namespace(SchedulerConfig, ns, gateway_address=gateway_address,
                                worker_address=worker_address)
-    graph_seqs = scheduler.max_num_seqs if ns.cuda_graph_max_seqs is None else ns.cuda_graph_max_seqs
-    worker = from_namespace(WorkerConfig, ns, scheduler_address=worker_address, cuda_graph_max_seqs=graph_seqs)
+    worker = from_namespace(WorkerConfig, ns, scheduler_address=worker_address)
     gateway = from_namespace(GatewayConfig, ns, scheduler_address=gateway_address,
                              reuse_port=ns.gateway_workers > 1)
     return scheduler, worker, gateway

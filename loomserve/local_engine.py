@@ -22,7 +22,8 @@ class LocalEngine:
                  model_path: Path | str, record_batches: bool = False, tp: TensorParallel = SINGLE) -> None:
         """``tp``: this process's rank of a tensor-parallel group; every rank runs its own
         engine on the same requests, and the identical schedulers keep the ranks in step."""
-        self.runner = ModelRunner(worker_config, model_path, DeviceInfo.resolve(worker_config), tp=tp)
+        self.runner = ModelRunner(worker_config, model_path, DeviceInfo.resolve(worker_config),
+                                  scheduler_config.step_limits(), tp=tp)
         self.reset(scheduler_config, record_batches)
 
     @classmethod

@@ -32,12 +32,12 @@ def test_gateway_workers_below_one_are_refused(argv: list[str], env: str | None,
 
 
 @pytest.mark.parametrize(("argv", "graph_seqs"), [
-    ([], 256),
-    (["--max-num-seqs", "512"], 512),
+    ([], None),
+    (["--max-num-seqs", "512"], None),
     (["--max-num-seqs", "512", "--cuda-graph-max-seqs", "64"], 64),
     (["--cuda-graph-max-seqs", "320"], 320),
 ])
-def test_serve_sizes_the_worker_graphs_for_max_num_seqs(argv: list[str], graph_seqs: int) -> None:
+def test_serve_leaves_the_worker_graphs_to_the_scheduler_unless_told(argv: list[str], graph_seqs: int | None) -> None:
     ns = _parser().parse_args(["serve", *argv])
     scheduler, worker, gateway = serve_configs(ns, "/run/x")
     assert worker.cuda_graph_max_seqs == graph_seqs

@@ -27,8 +27,8 @@ from bench.workloads import TokenRequest
 from loomserve.local_engine import LocalEngine
 from loomserve.shared.config import SchedulerConfig
 from loomserve.shared.messages import SamplingParams, StepResult
+from loomserve.worker.kv_cache import kv_cache_bytes_per_block
 from loomserve.worker.model_runner import LaunchedStep, ModelRunner
-from loomserve.worker.models.llama import kv_cache_bytes_per_block
 
 BENCH_SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
 SMOKE_SHAPE = "llama-tiny"  # the CPU smoke runs': proves the code paths, measures nothing

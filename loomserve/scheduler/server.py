@@ -2,8 +2,8 @@
 
     gateways --AddRequest/Abort/StatusQuery--> [ROUTER gateway_address]
     gateways <--RequestOutputs/SchedulerStatus--
-    workers  --WorkerReady/StepResult/WorkerFailure--> [ROUTER worker_address]
-    workers  <--BatchPlan/Flush/Shutdown--
+    workers  --WorkerHello/WorkerReady/StepResult/WorkerFailure--> [ROUTER worker_address]
+    workers  <--StepLimits/BatchPlan/Flush/Shutdown--
 
 With asynchronous scheduling (the default) two plans are in flight: while the
 workers compute step K+1, the result of step K comes back and the plan of step
@@ -357,7 +357,7 @@ class SchedulerServer:
 
     # -- workers -------------------------------------------------------------
 
-    def _send_worker(self, routing_id: bytes, msg: m.BatchPlan | m.Shutdown) -> None:
+    def _send_worker(self, routing_id: bytes, msg: m.StepLimits | m.BatchPlan | m.Shutdown) -> None:
         try:
             self._worker_sock.send_multipart([routing_id, self._encoder.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
@@ -399,7 +399,9 @@ class SchedulerServer:
             except msgspec.DecodeError as e:
                 log.warning("dropped an undecodable worker frame (%d bytes): %s", len(frame), e)
                 continue
-            if isinstance(msg, m.WorkerReady):
+            if isinstance(msg, m.WorkerHello):
+                self._send_worker(routing_id, self.config.step_limits())
+            elif isinstance(msg, m.WorkerReady):
                 self._on_worker_ready(routing_id, msg)
             elif isinstance(msg, m.StepResult):
                 self._on_step_result(msg)
@@ -433,9 +435,8 @@ class SchedulerServer:
                  "max model length %d", self.config.tp, head.model, head.device,
                  kv_cache.num_blocks, head.block_size, head.max_model_len)
         if 0 < head.graph_max_seqs < self.config.max_num_seqs:
-            log.warning("the workers replay CUDA graphs for steps of up to %d sequences; steps of more "
-                        "(--max-num-seqs %d) run eagerly, slower: start the workers with "
-                        "--cuda-graph-max-seqs %d", head.graph_max_seqs, self.config.max_num_seqs,
+            log.warning("the workers were started with --cuda-graph-max-seqs %d: steps of more sequences "
+                        "(up to --max-num-seqs %d) run eagerly, slower", head.graph_max_seqs,
                         self.config.max_num_seqs)
         pending, self._pending = self._pending, []
         for gateway_id, add in pending:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from loomserve.shared.messages import StepLimits
+
 T = TypeVar("T")
 
 DEFAULT_GATEWAY_ADDRESS = "tcp://127.0.0.1:5557"
@@ -45,6 +47,10 @@ class SchedulerConfig:
     step_timeout_s: float = _opt(600.0, "fail in-flight requests if a step takes longer than this")
     otlp_endpoint: str | None = _opt(None, "OpenTelemetry OTLP/HTTP collector for traces, e.g. http://jaeger:4318")
 
+    def step_limits(self) -> StepLimits:
+        """What the workers are told in answer to their ``WorkerHello``."""
+        return StepLimits(self.max_num_batched_tokens, self.max_num_seqs)
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -68,7 +74,7 @@ class WorkerConfig:
     cuda_graph_max_tokens: int = _opt(2048, "largest prefill or mixed step, in tokens, replayed from a CUDA "
                                             "graph (0: only decode steps); larger steps run eagerly")
     cuda_graph_max_seqs: int | None = _opt(None, "most sequences in a step replayed from a CUDA graph; steps of "
-                                                 "more run eagerly (default: --max-num-seqs under serve, else 256)")
+                                                 "more run eagerly (default: the scheduler's --max-num-seqs)")
     tp: int = _opt(1, "tensor-parallel size: ranks in the worker group, one process per GPU")
     ranks: str | None = _opt(None, "ranks of the group this command starts (default: all); on several hosts, "
                                    "e.g. 0-3 on one and 4-7 on another")

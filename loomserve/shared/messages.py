@@ -12,6 +12,8 @@ Sockets (the side that binds is named first)::
     scheduler ROUTER  <-  gateway DEALER   GatewayToScheduler  / SchedulerToGateway
     scheduler ROUTER  <-  worker DEALER    SchedulerToWorker   / WorkerToScheduler
 
+A worker rank opens with ``WorkerHello`` and gets the scheduler's ``StepLimits``
+before it loads its model; it sends ``WorkerReady`` once its KV cache is allocated.
 New-request data (prompt tokens, sampling parameters) reaches a worker once,
 in ``BatchPlan.new_requests``; later plans carry only what changed.
 """
@@ -225,6 +227,15 @@ class BatchPlan(_Msg, frozen=True):
     lookahead: bool = False
 
 
+class StepLimits(_Msg, frozen=True):
+    """The scheduler's answer to ``WorkerHello``: the most tokens (``--max-num-batched-tokens``)
+    and sequences (``--max-num-seqs``) a plan will ever hold. The worker sizes its activation
+    reserve and its CUDA graphs by them instead of guessing."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+
 class Flush(_Msg, frozen=True):
     """No plan follows for now: answer the last ``lookahead`` plan as soon as it is done."""
 
@@ -233,10 +244,17 @@ class Shutdown(_Msg, frozen=True):
     pass
 
 
-SchedulerToWorker = BatchPlan | Flush | Shutdown
+SchedulerToWorker = StepLimits | BatchPlan | Flush | Shutdown
 
 
 # worker -> scheduler -------------------------------------------------------
+
+
+class WorkerHello(_Msg, frozen=True):
+    """A rank's first message, before it loads anything: it asks for the ``StepLimits``."""
+
+    rank: int
+    world_size: int
 
 
 class WorkerReady(_Msg, frozen=True):
@@ -249,7 +267,9 @@ class WorkerReady(_Msg, frozen=True):
     max_model_len: int
     model: str
     device: str
-    graph_max_seqs: int = 0  # most sequences of a step replayed from a CUDA graph; 0: no graphs
+    # Most sequences of a step replayed from a CUDA graph (0: no graphs); fewer than
+    # --max-num-seqs only when the worker was started with a lower --cuda-graph-max-seqs.
+    graph_max_seqs: int = 0
 
 
 class StepResult(_Msg, frozen=True):
@@ -275,7 +295,7 @@ class WorkerFailure(_Msg, frozen=True):
     message: str
 
 
-WorkerToScheduler = WorkerReady | StepResult | WorkerFailure
+WorkerToScheduler = WorkerHello | WorkerReady | StepResult | WorkerFailure
 
 
 def encoder() -> msgspec.msgpack.Encoder:

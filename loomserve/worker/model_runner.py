@@ -12,10 +12,12 @@ On a GPU:
 * the model runs in bf16 (``DeviceInfo``), with the Triton attention backend and
   the fused Triton norm / rotary / activation layers;
 * the KV cache takes what is left of ``gpu_memory_utilization`` after the
-  weights and the peak of a profiling step (see ``PROFILE_NUM_TOKENS``);
-* pure-decode steps of up to ``cuda_graph_max_seqs`` sequences (default 256)
-  replay CUDA graphs captured at start-up (``worker.cuda_graphs``), and so do
-  prefill and mixed steps of up to ``cuda_graph_max_tokens`` tokens over as many
+  weights and the peak of a profiling step as large as the scheduler's largest
+  (``StepLimits``: its token budget, and as many sampled rows as it runs sequences);
+* pure-decode steps of up to ``cuda_graph_max_seqs`` sequences (default: the
+  scheduler's ``max_num_seqs``) replay CUDA graphs captured at start-up
+  (``worker.cuda_graphs``), and so do prefill and mixed steps of up to
+  ``cuda_graph_max_tokens`` tokens (at most the token budget) over as many
   sequences; larger steps run eagerly;
 * a step's inputs go to the device as non-blocking copies from pinned host
   memory (buffers reused round robin, ``PinnedSlots``), so the host waits for
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 
 from loomserve.shared.config import WorkerConfig
-from loomserve.shared.messages import BatchPlan, SamplingParams, StepResult, TokenLogprobs
+from loomserve.shared.messages import BatchPlan, SamplingParams, StepLimits, StepResult, TokenLogprobs
 from loomserve.worker.attention.base import AttentionMetadata
 from loomserve.worker.cuda_graphs import (
     GRAPH_MAX_SEQS,
@@ -66,14 +68,6 @@ from loomserve.worker.sampler import PendingSample, SamplingState, sample, sampl
 
 log = logging.getLogger(__name__)
 
-# The profiling step that sizes the activation reserve: this many prompt tokens
-# in one forward pass, then sampling (temperature, top-p: the costliest path) for
-# this many rows, or the CUDA graphs' most sequences if more. The scheduler's
-# token budget is not known to the worker, so the step is fixed at a budget four
-# times the scheduler's default (2048); a larger --max-num-batched-tokens needs a
-# lower --gpu-memory-utilization.
-PROFILE_NUM_TOKENS = 8192
-PROFILE_NUM_SAMPLED = 256
 # The decode graphs' own memory pool, kept out of the KV cache, per 256 sequences of
 # the largest batch: decode activations of at most 256 tokens. Captures of 256 took
 # 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b) on an H200, of 512 266 MiB at
@@ -218,6 +212,7 @@ class ModelRunner:
         config: WorkerConfig,
         model_path: Path | str,
         device: DeviceInfo,
+        limits: StepLimits,
         *,
         use_cuda_graphs: bool = True,
         tp: TensorParallel = SINGLE,
@@ -247,17 +242,20 @@ class ModelRunner:
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
 
         reserved = 0
-        mixed_sizes = mixed_buckets(config.cuda_graph_max_tokens) if self.use_cuda_graphs else ()
-        graph_seqs = GRAPH_MAX_SEQS if config.cuda_graph_max_seqs is None else config.cuda_graph_max_seqs
+        # No plan holds more tokens than the budget: neither do the profiling step nor the graphs.
+        budget = limits.max_num_batched_tokens
+        mixed_tokens = min(config.cuda_graph_max_tokens, budget)
+        mixed_sizes = mixed_buckets(mixed_tokens) if self.use_cuda_graphs else ()
+        graph_seqs = limits.max_num_seqs if config.cuda_graph_max_seqs is None else config.cuda_graph_max_seqs
         if graph_seqs < 1:
             raise ValueError(f"--cuda-graph-max-seqs must be at least 1, got {graph_seqs}")
         if device.is_cuda:
-            activations = self._profile_activation_bytes(min(max(PROFILE_NUM_SAMPLED, graph_seqs), PROFILE_NUM_TOKENS))
+            activations = self._profile_activation_bytes(budget, min(limits.max_num_seqs, budget))
             reserved = activations
             if self.use_cuda_graphs:
                 reserved += CUDA_GRAPH_RESERVE_BYTES * -(-graph_seqs // GRAPH_MAX_SEQS)
             if mixed_sizes:
-                reserved += activations * max(mixed_sizes) // PROFILE_NUM_TOKENS + MIXED_GRAPH_MARGIN_BYTES
+                reserved += activations * max(mixed_sizes) // budget + MIXED_GRAPH_MARGIN_BYTES
         available = device.kv_cache_bytes(config, reserved)
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_dtype,
@@ -302,18 +300,19 @@ class ModelRunner:
     # -- start-up ------------------------------------------------------------
 
     @torch.inference_mode()
-    def _profile_activation_bytes(self, num_sampled: int) -> int:
-        """Peak device memory of one ``PROFILE_NUM_TOKENS``-token prefill step and the
-        sampling of ``num_sampled`` rows, beyond what is allocated now.
+    def _profile_activation_bytes(self, num_tokens: int, num_sampled: int) -> int:
+        """Peak device memory of one ``num_tokens``-token prefill step and the sampling
+        (temperature and top-p: the costliest path) of ``num_sampled`` rows, beyond what
+        is allocated now.
 
         The attention reads a one-block scratch cache: every block-table entry
         points at it and no token is written (slot -1), so the step computes at
         full size without a real cache.
         """
         dev = self.device
-        seq_len = min(self.max_model_len, PROFILE_NUM_TOKENS)
-        num_seqs = -(-PROFILE_NUM_TOKENS // seq_len)
-        lens = [seq_len] * (num_seqs - 1) + [PROFILE_NUM_TOKENS - seq_len * (num_seqs - 1)]
+        seq_len = min(self.max_model_len, num_tokens)
+        num_seqs = -(-num_tokens // seq_len)
+        lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
         starts = np.concatenate(([0], np.cumsum(lens))).tolist()
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         scratch = allocate_kv_caches(self.model_config, 1, self.block_size, self.kv_dtype, dev,
@@ -322,13 +321,13 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             block_tables=torch.zeros((num_seqs, -(-seq_len // self.block_size)), dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((PROFILE_NUM_TOKENS,), -1, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
             max_query_len=seq_len,
             max_seq_len=seq_len,
             query_start_loc_cpu=starts,
             seq_lens_cpu=lens,
         )
-        input_ids = torch.zeros(PROFILE_NUM_TOKENS, dtype=torch.int64, device=dev)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
         states = [SamplingState(params, [0], device=dev) for _ in range(num_sampled)]
         torch.cuda.synchronize(dev)
@@ -336,7 +335,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_reserved(dev)
         started = time.monotonic()
-        hidden = self.model(input_ids, positions, scratch, meta)  # (PROFILE_NUM_TOKENS, hidden)
+        hidden = self.model(input_ids, positions, scratch, meta)  # (num_tokens, hidden)
         logits = self.model.compute_logits(hidden[:num_sampled])
         sample(logits, states, torch.Generator(device=dev).manual_seed(0))
         torch.cuda.synchronize(dev)
@@ -344,7 +343,7 @@ class ModelRunner:
         del hidden, logits, scratch, meta, positions, input_ids
         torch.cuda.empty_cache()
         log.info("profiling step of %d tokens: %.0f MiB of activations, %.1f s (first run includes kernel builds)",
-                 PROFILE_NUM_TOKENS, peak / (1 << 20), time.monotonic() - started)
+                 num_tokens, peak / (1 << 20), time.monotonic() - started)
         return peak
 
     # -- one step ------------------------------------------------------------

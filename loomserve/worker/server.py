@@ -1,8 +1,10 @@
 """One rank of a worker group: receives plans from the scheduler, runs them, answers.
 
 Start-up: resolve the device, join the tensor-parallel group (if there is more
-than one rank), load this rank's share of the model, size and allocate the KV
-cache, then send ``WorkerReady``. Every rank receives every plan; rank 0 alone
+than one rank), ask the scheduler for its step limits (``WorkerHello``, answered by
+``StepLimits``: the most tokens and sequences of a plan), load this rank's share of
+the model, size the activation reserve, the KV cache and the CUDA graphs by those
+limits, then send ``WorkerReady``. Every rank receives every plan; rank 0 alone
 answers with the ``StepResult``.
 
 A plan marked ``lookahead`` is launched and held: its tokens are read and
@@ -65,18 +67,20 @@ class WorkerServer:
         if config.tp > 1 and config.dist_init_address is None:
             raise ValueError("a rank of a worker group needs --dist-init-address (host:port of the rendezvous)")
         self.tp = init_tensor_parallel(rank, config.tp, config.dist_init_address or "", device.device)
-        self.runner = ModelRunner(config, model_path, device, use_cuda_graphs=not config.enforce_eager, tp=self.tp)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(config.scheduler_address)
+        self._encoder = m.encoder()
+        limits = self._step_limits()
+        self.runner = ModelRunner(config, model_path, device, limits, use_cuda_graphs=not config.enforce_eager,
+                                  tp=self.tp)
         if device.is_cuda and not config.num_threads:
             # A GPU worker's host tensors are small; torch's thread pool only makes its threads
             # wait for each other on a host that also runs gateways and clients.
             torch.set_num_threads(1)
         self.device_name = device.describe()
         self.model_name = model_path.name if config.load_format != "dummy" else str(config.model)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(config.scheduler_address)
-        self._encoder = m.encoder()
         self._stopping = False
         # The last lookahead plan, launched and sampled, not answered yet.
         self._held: tuple[m.BatchPlan, LaunchedStep, int] | None = None
@@ -86,8 +90,32 @@ class WorkerServer:
     def stop(self) -> None:
         self._stopping = True
 
-    def _send(self, msg: m.WorkerReady | m.StepResult | m.WorkerFailure) -> None:
+    def _send(self, msg: m.WorkerHello | m.WorkerReady | m.StepResult | m.WorkerFailure) -> None:
         self._sock.send(self._encoder.encode(msg))
+
+    def _step_limits(self) -> m.StepLimits:
+        """The scheduler's answer to this rank's ``WorkerHello``; waits for the scheduler to
+        come up (ZeroMQ delivers the hello once it binds)."""
+        self._send(m.WorkerHello(rank=self.tp.rank, world_size=self.tp.size))
+        waited_s = 0
+        while True:
+            if not self._sock.poll(1000):
+                waited_s += 1
+                if waited_s % 30 == 0:
+                    log.info("rank %d still waiting for the scheduler at %s (%d s)", self.tp.rank,
+                             self.config.scheduler_address, waited_s)
+                continue
+            frame = self._sock.recv()
+            try:
+                msg = m.scheduler_to_worker.decode(frame)
+            except msgspec.DecodeError as e:
+                log.warning("dropped an undecodable scheduler frame (%d bytes): %s", len(frame), e)
+                continue
+            if isinstance(msg, m.StepLimits):
+                log.info("scheduler's step limits: %d tokens, %d sequences", msg.max_num_batched_tokens,
+                         msg.max_num_seqs)
+                return msg
+            log.warning("ignored a %s that came before the step limits", type(msg).__name__)
 
     def _register(self) -> None:
         self._send(m.WorkerReady(
@@ -118,6 +146,9 @@ class WorkerServer:
             if isinstance(msg, m.Shutdown):
                 log.info("shutdown requested by the scheduler")
                 return
+            if isinstance(msg, m.StepLimits):
+                log.warning("ignored step limits sent after start-up")
+                continue
             self._step(msg)
 
     def _step(self, msg: m.BatchPlan | m.Flush) -> None:

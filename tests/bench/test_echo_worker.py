@@ -93,7 +93,7 @@ def test_a_bad_plan_is_reported_and_the_worker_registers_again(group: ProcessGro
     scheduler.bind(address)
     encoder = m.encoder()
 
-    def receive() -> tuple[bytes, m.WorkerReady | m.StepResult | m.WorkerFailure]:
+    def receive() -> tuple[bytes, m.WorkerToScheduler]:
         assert scheduler.poll(20_000), "the echo worker sent nothing"
         routing_id, frame = scheduler.recv_multipart()
         return routing_id, m.worker_to_scheduler.decode(frame)

@@ -105,12 +105,22 @@ def test_step_times_split_a_step_between_the_workers_and_the_scheduler() -> None
                        "host work, 0.75 ms waiting for the device), 2.00 ms here before the next plan")
 
 
+def test_a_worker_hello_is_answered_with_the_schedulers_step_limits() -> None:
+    config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
+                             worker_address=f"tcp://127.0.0.1:{free_port()}", max_num_seqs=48,
+                             max_num_batched_tokens=3000)
+    with running_server(config) as (_, worker):
+        for rank in (0, 1):
+            worker.send(m.encoder().encode(m.WorkerHello(rank=rank, world_size=2)))
+            assert worker.poll(5000), "no answer to the hello"
+            assert m.scheduler_to_worker.decode(worker.recv()) == m.StepLimits(3000, 48)
+
+
 @pytest.mark.parametrize(("graph_max_seqs", "warned"), [(0, False), (256, True), (512, False), (600, False)])
 def test_workers_with_graphs_smaller_than_max_num_seqs_are_logged(graph_max_seqs: int, warned: bool,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """A worker started alone with CUDA graphs for fewer sequences than --max-num-seqs would run
-    the larger steps eagerly: the scheduler says so, with the option that fixes it. A worker
-    without graphs (0, a CPU) is not warned about."""
+    """A worker started with --cuda-graph-max-seqs below --max-num-seqs runs the larger steps
+    eagerly: the scheduler says so. A worker without graphs (0, a CPU) is not warned about."""
     config = SchedulerConfig(gateway_address=f"tcp://127.0.0.1:{free_port()}",
                              worker_address=f"tcp://127.0.0.1:{free_port()}", max_num_seqs=512)
     caplog.set_level(logging.INFO, logger="loomserve.scheduler.server")
@@ -126,11 +136,10 @@ def test_workers_with_graphs_smaller_than_max_num_seqs_are_logged(graph_max_seqs
             assert time.monotonic() < deadline, "the worker group never became ready"
             time.sleep(0.02)
     warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and "CUDA graphs" in r.getMessage()]
+                if r.levelno == logging.WARNING and "--cuda-graph-max-seqs" in r.getMessage()]
     if warned:
-        assert warnings == ["the workers replay CUDA graphs for steps of up to 256 sequences; steps of more "
-                            "(--max-num-seqs 512) run eagerly, slower: start the workers with "
-                            "--cuda-graph-max-seqs 512"]
+        assert warnings == ["the workers were started with --cuda-graph-max-seqs 256: steps of more sequences "
+                            "(up to --max-num-seqs 512) run eagerly, slower"]
     else:
         assert warnings == []
 

@@ -308,7 +308,7 @@ def gpu_runner() -> ModelRunner:
         model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=4096, gpu_memory_utilization=0.5,
         cuda_graph_max_seqs=320,
     )
-    runner = ModelRunner(config, "llama-3.2-1b", DeviceInfo.resolve(config))
+    runner = ModelRunner(config, "llama-3.2-1b", DeviceInfo.resolve(config), SchedulerConfig().step_limits())
     gen = torch.Generator(device="cuda").manual_seed(0)
     for cache in runner.kv_caches:
         cache.normal_(generator=gen)  # attention over random context, not zeros

@@ -46,7 +46,7 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def runner(default_model_path) -> ModelRunner:
     config = WorkerConfig(model=str(default_model_path), device="cpu", kv_cache_gb=0.05, block_size=BLOCK_SIZE)
-    return ModelRunner(config, default_model_path, DeviceInfo.resolve(config))
+    return ModelRunner(config, default_model_path, DeviceInfo.resolve(config), SchedulerConfig().step_limits())
 
 
 @torch.inference_mode()
@@ -333,7 +333,7 @@ def test_fp8_kv_cache_keeps_the_default_models_greedy_text(default_model_path) -
     for kv_dtype in ("auto", "fp8"):
         config = WorkerConfig(model=str(default_model_path), device="cpu", kv_cache_gb=0.05, block_size=16,
                               kv_cache_dtype=kv_dtype)
-        runner = ModelRunner(config, default_model_path, DeviceInfo.resolve(config))
+        runner = ModelRunner(config, default_model_path, DeviceInfo.resolve(config), SchedulerConfig().step_limits())
         assert all(cache.dtype == runner.kv_dtype for cache in runner.kv_caches)
         engine = LocalEngine.over(runner, SchedulerConfig())
         for rid, prompt in PROMPTS.items():

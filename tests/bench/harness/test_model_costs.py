@@ -7,10 +7,10 @@ import torch
 
 from bench.harness.engine import weight_bytes_per_step
 from bench.harness.model_costs import ShapeCosts
-from loomserve.shared.config import WorkerConfig
+from loomserve.shared.config import SchedulerConfig, WorkerConfig
 from loomserve.worker.device import DeviceInfo
+from loomserve.worker.kv_cache import kv_cache_bytes_per_block
 from loomserve.worker.model_runner import ModelRunner
-from loomserve.worker.models.llama import kv_cache_bytes_per_block
 
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b", "llama-tiny"])
@@ -27,7 +27,7 @@ def test_parameter_counts_match_the_models(shape: str) -> None:
 def test_decode_bytes_match_the_engine_benchmark() -> None:
     """Same bytes per batch-1 decode step as the engine harness counts from a real runner."""
     config = WorkerConfig(model="llama-tiny", load_format="dummy", device="cpu", kv_cache_gb=0.01)
-    runner = ModelRunner(config, "llama-tiny", DeviceInfo.resolve(config))
+    runner = ModelRunner(config, "llama-tiny", DeviceInfo.resolve(config), SchedulerConfig().step_limits())
     context = 640.5
     expected = weight_bytes_per_step(runner) + context * kv_cache_bytes_per_block(runner.model_config, 1, runner.dtype)
     assert ShapeCosts.of("llama-tiny", torch.float32).decode_bytes_per_step(context) == pytest.approx(expected)
