@@ -45,6 +45,7 @@ from loomserve.gateway.generation import (
     generate_choices,
 )
 from loomserve.gateway.lifecycle import RequestLifecycle
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.metrics import GatewayMetrics
 from loomserve.gateway.protocol import (
     MAX_TOP_LOGPROBS,
@@ -56,7 +57,7 @@ from loomserve.gateway.protocol import (
     validate_roles,
     validate_sampling,
 )
-from loomserve.gateway.ratelimit import Limits, LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
+from loomserve.gateway.ratelimit import LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
 from loomserve.gateway.response_cache import (
     CACHE_HEADER,
     CACHE_HIT,

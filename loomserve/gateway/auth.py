@@ -12,7 +12,7 @@ Only SHA-256 digests of keys are stored or loaded, from two sources:
       HSET loomserve:keys:<sha256> tenant acme name ci limits '{"requests_per_minute": 60}'
 
 ``limits`` is optional: a key that sets it has buckets of its own besides its
-tenant's (fields as in ``gateway.ratelimit.Limits``).
+tenant's (fields as in ``gateway.limits.Limits``).
 
 A client presents its key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
 Every path needs one except the exact paths allowed at construction. With no
@@ -40,8 +40,9 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loomserve.gateway.circuit_breaker import CircuitBreaker
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
-from loomserve.gateway.ratelimit import CircuitBreaker, Limits
 
 log = logging.getLogger(__name__)
 

@@ -40,18 +40,18 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from loomserve.gateway.auth import Principal
+from loomserve.gateway.circuit_breaker import CircuitBreaker
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
-
-if TYPE_CHECKING:
-    from loomserve.gateway.auth import Principal
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +62,6 @@ PREPARE_TIMEOUT_S = 5.0
 
 Dimension = Literal["requests", "tokens"]
 FailMode = Literal["open", "closed"]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-minute limits; None means unlimited. A burst left out equals its per-minute limit."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    request_burst: int | None = None
-    token_burst: int | None = None
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{f.name} must be a positive integer, not {value!r}")
-        if self.request_burst is not None and self.requests_per_minute is None:
-            raise ValueError("request_burst needs requests_per_minute")
-        if self.token_burst is not None and self.tokens_per_minute is None:
-            raise ValueError("token_burst needs tokens_per_minute")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Limits:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown limit fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -227,65 +199,6 @@ class StoreUnavailable(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"the rate-limit store is unavailable; retry in {retry_after_s:.1f}s")
         self.retry_after_s = retry_after_s
-
-
-class CircuitBreaker:
-    """Stops calls to a failing dependency for a back-off, then lets one probe through.
-
-    closed --failure--> open (back-off) --elapsed--> one probe --success--> closed
-                                                         \\--failure--> open (back-off doubled, capped)
-
-    Failures of calls that were already in flight when it opened change nothing, so
-    an outage logs one warning per back-off however many requests were waiting.
-    """
-
-    def __init__(self, name: str, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.name = name
-        self.base_backoff_s = base_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.clock = clock
-        self._backoff_s = base_backoff_s
-        self._open_until: float | None = None
-        self._probing = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._open_until is not None
-
-    def allow(self) -> bool:
-        if self._open_until is None:
-            return True
-        if self._probing or self.clock() < self._open_until:
-            return False
-        self._probing = True
-        return True
-
-    def retry_after_s(self) -> float:
-        if self._open_until is None:
-            return 0.0
-        return max(self._open_until - self.clock(), self.base_backoff_s)
-
-    def record_success(self) -> None:
-        if self._open_until is not None:
-            log.info("%s: reachable again", self.name)
-        self._open_until = None
-        self._probing = False
-        self._backoff_s = self.base_backoff_s
-
-    def record_failure(self, error: BaseException) -> None:
-        if self._open_until is not None and not self._probing:
-            return
-        if self._probing:
-            self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
-        self._probing = False
-        self._open_until = self.clock() + self._backoff_s
-        log.warning("%s: unavailable (%s: %s); not trying again for %.1fs", self.name,
-                    type(error).__name__, error, self._backoff_s)
-
-    def record_abandoned(self) -> None:
-        """A call was cancelled before it could tell: let the next caller probe instead."""
-        self._probing = False
 
 
 @dataclass

@@ -32,7 +32,7 @@ from loomserve.gateway.auth import (
     hash_key,
     load_keys_file,
 )
-from loomserve.gateway.ratelimit import Limits
+from loomserve.gateway.limits import Limits
 from tests.redis_server import RedisServer
 
 PUBLIC = {"/health", "/ready", "/metrics"}

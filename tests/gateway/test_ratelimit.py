@@ -21,13 +21,12 @@ import redis.asyncio as aioredis
 
 from loomserve.gateway.app import build_limiter
 from loomserve.gateway.auth import Principal
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
 from loomserve.gateway.ratelimit import (
     GCRA_LUA,
     Admission,
-    CircuitBreaker,
     FailMode,
-    Limits,
     LocalRateLimiter,
     RateLimiter,
     RateLimitExceeded,
@@ -395,12 +394,12 @@ def test_settle_on_abort(kind: str, redis_server: RedisServer) -> None:
 
 def breaker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "loomserve.gateway.ratelimit" and r.levelno == logging.WARNING
+            if r.name == "loomserve.gateway.circuit_breaker" and r.levelno == logging.WARNING
             and "unavailable" in r.getMessage()]
 
 
 def test_fail_open_when_redis_is_down(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="loomserve.gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.circuit_breaker")
     backoff = 0.3
 
     async def run() -> None:
@@ -496,27 +495,6 @@ def test_slow_redis_times_out(mode: FailMode, own_redis: RedisServer) -> None:
             await limiter.aclose()
 
     asyncio.run(run())
-
-
-def test_breaker_probes_once_after_back_off() -> None:
-    clock_value = [0.0]
-    breaker = CircuitBreaker("test", base_backoff_s=1.0, max_backoff_s=4.0, clock=lambda: clock_value[0])
-    assert breaker.allow()
-    breaker.record_failure(ConnectionError("down"))
-    breaker.record_failure(ConnectionError("another caller that was in flight"))
-    assert not breaker.allow()
-    clock_value[0] = 1.0
-    assert breaker.allow()  # the probe
-    assert not breaker.allow()  # only one
-    breaker.record_failure(ConnectionError("still down"))
-    clock_value[0] = 2.5
-    assert not breaker.allow()  # back-off doubled to 2 s
-    clock_value[0] = 3.0
-    assert breaker.allow()
-    breaker.record_abandoned()  # the probe was cancelled: someone else may probe
-    assert breaker.allow()
-    breaker.record_success()
-    assert breaker.allow() and breaker.allow() and not breaker.is_open
 
 
 def test_redis_server_helper_restarts_on_the_same_port(own_redis: RedisServer) -> None:
