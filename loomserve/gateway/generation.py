@@ -39,7 +39,6 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[m.TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    num_cached_tokens: int = 0
 
 
 class TokenText:
@@ -135,11 +134,11 @@ def _finite(logprob: float) -> float:
 
 
 def completion_logprobs(result_logprobs: list[m.TokenLogprobs], token_ids: list[int],
-                        token_text: TokenText, text_offset_start: int = 0) -> dict[str, Any]:
+                        token_text: TokenText) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object."""
     tokens = [token_text(t) for t in token_ids]
     offsets = []
-    offset = text_offset_start
+    offset = 0
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -216,7 +216,6 @@ class LimiterStats:
 class Admission:
     """A granted reservation; pass it to ``settle`` exactly when the request ends."""
 
-    tenant: str
     reserved_tokens: int
     headers: dict[str, str]  # x-ratelimit-* for the response
     checked: bool = True  # False when admitted without a check (store unavailable, fail open)
@@ -227,11 +226,9 @@ class Admission:
 class RateLimiter(ABC):
     """Admission and settlement over GCRA buckets; subclasses keep the buckets somewhere."""
 
-    def __init__(self, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
-                 requests_on_failure: FailMode = "open", tokens_on_failure: FailMode = "open",
-                 key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    def __init__(self, default_limits: Limits, *, requests_on_failure: FailMode = "open",
+                 tokens_on_failure: FailMode = "open", key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
         self.default_limits = default_limits
-        self.tenant_limits = dict(tenant_limits or {})
         self.on_failure: dict[Dimension, FailMode] = {"requests": requests_on_failure,
                                                       "tokens": tokens_on_failure}
         self.key_prefix = key_prefix
@@ -242,8 +239,7 @@ class RateLimiter(ABC):
         """The tenant's buckets, then the key's own when the key sets limits."""
         # The tenant in braces is a Redis Cluster hash tag: one script's keys share a slot.
         base = f"{self.key_prefix}{{{principal.tenant}}}:"
-        out = self._limit_buckets(self.tenant_limits.get(principal.tenant, self.default_limits),
-                                  f"{base}tenant:", f"tenant {principal.tenant!r}")
+        out = self._limit_buckets(self.default_limits, f"{base}tenant:", f"tenant {principal.tenant!r}")
         if principal.limits is not None:
             out += self._limit_buckets(principal.limits, f"{base}key:{principal.key_digest_prefix}:",
                                        f"key {principal.key_name!r} of tenant {principal.tenant!r}")
@@ -271,7 +267,7 @@ class RateLimiter(ABC):
             raise ValueError(f"tokens must not be negative, got {tokens}")
         buckets = self.buckets(principal)
         if not buckets:
-            return Admission(principal.tenant, 0, {})
+            return Admission(0, {})
         quantities = [1 if b.dimension == "requests" else tokens for b in buckets]
         for b in buckets:
             if b.dimension == "tokens" and tokens > b.burst:
@@ -289,7 +285,7 @@ class RateLimiter(ABC):
             bucket, quantity, state = max(denied, key=lambda d: d[2].retry_after_s)
             raise RateLimitExceeded(bucket, quantity, state.retry_after_s, headers)
         token_buckets = tuple(b for b in buckets if b.dimension == "tokens")
-        return Admission(principal.tenant, tokens if token_buckets else 0, headers, token_buckets=token_buckets)
+        return Admission(tokens if token_buckets else 0, headers, token_buckets=token_buckets)
 
     def _without_store(self, principal: Principal, buckets: Sequence[Bucket], error: StoreUnavailable) -> Admission:
         closed = sorted({b.dimension for b in buckets if self.on_failure[b.dimension] == "closed"})
@@ -299,7 +295,7 @@ class RateLimiter(ABC):
                            type="rate_limit_unavailable", code="rate_limiter_unavailable",
                            headers={"retry-after": str(max(1, math.ceil(error.retry_after_s)))})
         self.stats.admitted_unchecked += 1
-        return Admission(principal.tenant, 0, {}, checked=False)
+        return Admission(0, {}, checked=False)
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         """Give back the reserved tokens the request did not use. Call once when it ends, abort
@@ -347,9 +343,9 @@ def _headers(buckets: Sequence[Bucket], states: Sequence[BucketState]) -> dict[s
 class LocalRateLimiter(RateLimiter):
     """Buckets in this process: right for one gateway replica only."""
 
-    def __init__(self, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
-                 key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(default_limits, tenant_limits, key_prefix=key_prefix)
+    def __init__(self, default_limits: Limits, *, key_prefix: str = DEFAULT_KEY_PREFIX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(default_limits, key_prefix=key_prefix)
         self.clock = clock
         # One float per tenant and key with limits; both sets are bounded by the configured keys.
         self._tats: dict[str, float] = {}
@@ -379,14 +375,14 @@ class LocalRateLimiter(RateLimiter):
 class RedisRateLimiter(RateLimiter):
     """Buckets in Redis, shared by every replica, with the clock of the Redis server."""
 
-    def __init__(self, url: str, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
+    def __init__(self, url: str, default_limits: Limits, *,
                  requests_on_failure: FailMode = "open", tokens_on_failure: FailMode = "open",
                  timeout_s: float = 0.05, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
                  key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] | None = None) -> None:
         """``clock`` (seconds) replaces Redis TIME, for tests only: replicas would disagree."""
         if not timeout_s > 0:
             raise ValueError(f"the rate-limit Redis timeout must be positive, got {timeout_s * 1000:g} ms")
-        super().__init__(default_limits, tenant_limits, requests_on_failure=requests_on_failure,
+        super().__init__(default_limits, requests_on_failure=requests_on_failure,
                          tokens_on_failure=tokens_on_failure, key_prefix=key_prefix)
         self.timeout_s = timeout_s
         self.clock = clock
