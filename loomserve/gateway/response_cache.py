@@ -17,7 +17,7 @@ body get different keys and never see each other's entries.
 An entry (``CachedResponse``) keeps each choice as the pieces the client saw,
 with their token ids and API-shaped logprobs, plus the usage; that is enough
 to answer again as one JSON body or as an SSE stream, whichever the new request
-asks for (``stream`` is not part of the key).
+asks for (``stream`` is not part of the key; gateway/rendering.py replays).
 
 Redis is an optimisation, never a dependency: a failed read is a miss, a failed
 write is logged (at most once per interval) and counted, and after a failure
@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -234,98 +234,6 @@ def encode_entry(response: CachedResponse) -> bytes:
 def decode_entry(data: bytes) -> CachedResponse:
     """Raises ``msgspec.DecodeError`` (or its subclass ``ValidationError``) on a damaged entry."""
     return _decoder.decode(data)
-
-
-# -- replay -------------------------------------------------------------------
-
-
-def _sse(payload: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
-def _merged_logprobs(kind: Kind, pieces: list[CachedPiece]) -> dict[str, Any] | None:
-    """One logprobs object for a whole choice, from the objects of its pieces."""
-    parts = [p.logprobs for p in pieces if p.logprobs is not None]
-    if not parts:
-        return None
-    if kind == "chat":
-        return {"content": [entry for part in parts for entry in part.get("content") or []]}
-    tokens = [t for part in parts for t in part.get("tokens", [])]
-    # Offsets count characters from the start of the choice's text, so they are recomputed
-    # over the whole choice rather than carried over from pieces that each started at 0.
-    offsets = []
-    offset = 0
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [v for part in parts for v in part.get("token_logprobs", [])],
-        "top_logprobs": [v for part in parts for v in part.get("top_logprobs", [])],
-        "text_offset": offsets,
-    }
-
-
-def replay_json(cached: CachedResponse, *, response_id: str, model: str, created: int | None = None,
-                return_token_ids: bool = False) -> dict[str, Any]:
-    """The non-streamed OpenAI body for a cached answer."""
-    choices = []
-    for index, c in enumerate(cached.choices):
-        lps = _merged_logprobs(cached.kind, c.pieces)
-        choice: dict[str, Any]
-        if cached.kind == "chat":
-            choice = {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": lps,
-                      "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": index, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
-        if return_token_ids:
-            choice["token_ids"] = c.token_ids
-        choices.append(choice)
-    return {
-        "id": response_id,
-        "object": "chat.completion" if cached.kind == "chat" else "text_completion",
-        "created": int(time.time()) if created is None else created,
-        "model": model,
-        "choices": choices,
-        "usage": cached.usage(),
-    }
-
-
-def replay_sse(cached: CachedResponse, *, response_id: str, model: str, created: int | None = None,
-               include_usage: bool = False, return_token_ids: bool = False) -> Iterator[bytes]:
-    """The SSE events (``data: ...``, ending with ``data: [DONE]``) for a cached answer, one
-    chunk per stored piece, choice after choice; a usage chunk last when ``include_usage``."""
-    kind = "chat.completion.chunk" if cached.kind == "chat" else "text_completion"
-    base = {"id": response_id, "object": kind, "created": int(time.time()) if created is None else created,
-            "model": model}
-    if cached.kind == "chat":
-        for index in range(len(cached.choices)):
-            yield _sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-    for index, c in enumerate(cached.choices):
-        # A choice always ends with a chunk carrying its finish reason, even one that stored no piece.
-        pieces = c.pieces or [CachedPiece("")]
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            # As the live stream does: a piece that would show the client nothing is not sent.
-            if not last and not piece.text and piece.logprobs is None and not return_token_ids:
-                continue
-            chunk: dict[str, Any] = {"index": index}
-            if cached.kind == "chat":
-                chunk["delta"] = {"content": piece.text} if piece.text else {}
-            else:
-                chunk["text"] = piece.text
-            chunk["logprobs"] = piece.logprobs
-            chunk["finish_reason"] = c.finish_reason if last else None
-            if return_token_ids:
-                chunk["token_ids"] = piece.token_ids
-            yield _sse({**base, "choices": [chunk]})
-    if include_usage:
-        yield _sse({**base, "choices": [], "usage": cached.usage()})
-    yield _DONE
 
 
 # -- storage ------------------------------------------------------------------

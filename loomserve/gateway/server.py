@@ -10,9 +10,10 @@ from pathlib import Path
 
 import uvicorn
 
-from loomserve.gateway.app import ModelInfo, create_app
+from loomserve.gateway.app import create_app
 from loomserve.gateway.auth import KeyStore, RedisKeySource, load_keys_file
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.model_info import ModelInfo
 from loomserve.gateway.sampling_defaults import GenerationConfigError, load_sampling_defaults
 from loomserve.gateway.synthetic_tokenizer import synthetic_tokenizer_for
 from loomserve.gateway.tokenizer import eos_token_ids, load_tokenizer

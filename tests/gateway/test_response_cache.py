@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from loomserve.gateway import response_cache as rc
+from loomserve.gateway.rendering import ChatRenderer
 from loomserve.gateway.response_cache import (
     CACHE_HEADER,
     CACHE_HIT,
@@ -28,8 +29,6 @@ from loomserve.gateway.response_cache import (
     decode_entry,
     encode_entry,
     is_cacheable,
-    replay_json,
-    replay_sse,
 )
 from loomserve.gateway.sampling_defaults import OPENAI_DEFAULTS
 from tests.redis_server import RedisServer, free_port
@@ -577,29 +576,11 @@ def test_in_process_entries_are_copies() -> None:
     run(go())
 
 
-# -- entries and replay ---------------------------------------------------------
-
-
-def events(chunks: Iterator[bytes]) -> list[Any]:
-    out: list[Any] = []
-    for chunk in chunks:
-        assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
-        data = chunk[len(b"data: "):-2].decode()
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+# -- entries ------------------------------------------------------------
 
 
 def chat_lp(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-
-
-def completion_lp(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
-    offsets, offset = [], 0
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)], "text_offset": offsets}
 
 
 def recorded_chat() -> CachedResponse:
@@ -622,91 +603,6 @@ def test_recorder_builds_the_entry() -> None:
     assert decode_entry(encode_entry(cached)) == cached
 
 
-def test_replay_chat_as_sse() -> None:
-    got = events(replay_sse(recorded_chat(), response_id="chatcmpl-1", model="smol", created=123,
-                            include_usage=True, return_token_ids=True))
-    assert got[-1] == "[DONE]"
-    chunks = got[:-1]
-    assert all(c["id"] == "chatcmpl-1" and c["object"] == "chat.completion.chunk" and c["created"] == 123
-               and c["model"] == "smol" for c in chunks)
-    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
-    assert [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"],
-             c["choices"][0]["token_ids"]) for c in chunks[2:5]] == [
-        (0, {"content": "Hel"}, None, [1, 2]),
-        (0, {"content": "lo"}, "stop", [3]),
-        (1, {"content": "Bye"}, "length", [7]),
-    ]
-    assert chunks[2]["choices"][0]["logprobs"] == {"content": [chat_lp("He", -0.1), chat_lp("l", -0.2)]}
-    assert chunks[5] == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 123, "model": "smol",
-                         "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}}
-    assert len(chunks) == 6
-
-
-def test_replay_sse_leaves_out_usage_and_token_ids_unless_asked() -> None:
-    got = events(replay_sse(recorded_chat(), response_id="x", model="smol"))
-    assert got[-1] == "[DONE]"
-    assert all("usage" not in c and "token_ids" not in c["choices"][0] for c in got[:-1])
-    assert len(got) == 2 + 3 + 1
-
-
-def test_replay_completion_as_sse() -> None:
-    cached = answer("Hello world", pieces=2)
-    got = events(replay_sse(cached, response_id="cmpl-1", model="smol", include_usage=True))
-    assert got[-1] == "[DONE]"
-    content = [c["choices"][0] for c in got[:-2]]
-    assert "".join(c["text"] for c in content) == "Hello world"
-    assert [c["finish_reason"] for c in content] == [None] * (len(content) - 1) + ["stop"]
-    assert all(c["object"] == "text_completion" for c in got[:-1])
-    assert got[-2]["usage"]["completion_tokens"] == len("Hello world")
-
-
-def test_replay_sse_skips_pieces_that_show_nothing() -> None:
-    cached = CachedResponse("chat", [CachedChoice([CachedPiece("Hi", [5]), CachedPiece("", []), CachedPiece("", [])],
-                                                  "stop")], 2, 1)
-    got = events(replay_sse(cached, response_id="c", model="m"))
-    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in got[1:-1]]
-    assert deltas == [({"content": "Hi"}, None), ({}, "stop")]  # the last one carries the finish reason
-    with_ids = events(replay_sse(cached, response_id="c", model="m", return_token_ids=True))
-    assert len(with_ids) == 1 + 3 + 1  # asked for token ids: every piece is sent, as the live stream does
-
-
-def test_replay_sse_ends_a_choice_without_pieces() -> None:
-    cached = CachedResponse("completion", [CachedChoice([], "length")], 3, 0)
-    got = events(replay_sse(cached, response_id="c", model="m"))
-    assert got[0]["choices"] == [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]
-
-
-def test_replay_chat_as_json_merges_pieces() -> None:
-    body = replay_json(recorded_chat(), response_id="chatcmpl-1", model="smol", created=5, return_token_ids=True)
-    assert body["object"] == "chat.completion" and body["created"] == 5 and body["id"] == "chatcmpl-1"
-    assert body["choices"][0] == {
-        "index": 0, "message": {"role": "assistant", "content": "Hello"},
-        "logprobs": {"content": [chat_lp("He", -0.1), chat_lp("l", -0.2), chat_lp("lo", -0.3)]},
-        "finish_reason": "stop", "token_ids": [1, 2, 3]}
-    assert body["choices"][1]["message"]["content"] == "Bye"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
-
-
-def test_replay_completion_as_json_recomputes_text_offsets() -> None:
-    rec = ResponseRecorder("completion", 1)
-    rec.add(0, " Hello", [1, 2], completion_lp([" He", "llo"], [-0.1, -0.2]))
-    rec.add(0, " you", [3], completion_lp([" you"], [-0.3]), "stop")
-    cached = rec.result(3, 3)
-    assert cached is not None
-    body = replay_json(cached, response_id="cmpl-1", model="smol")
-    assert body["object"] == "text_completion"
-    choice = body["choices"][0]
-    assert choice["text"] == " Hello you" and "token_ids" not in choice
-    assert choice["logprobs"] == {"tokens": [" He", "llo", " you"], "token_logprobs": [-0.1, -0.2, -0.3],
-                                  "top_logprobs": [{" He": -0.1}, {"llo": -0.2}, {" you": -0.3}],
-                                  "text_offset": [0, 3, 6]}
-
-
-def test_replay_json_without_logprobs() -> None:
-    body = replay_json(answer("abc"), response_id="c", model="m")
-    assert body["choices"] == [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": "stop"}]
-
-
 def test_cached_answer_replays_the_same_after_a_redis_round_trip(redis_prefix: str) -> None:
     async def go() -> None:
         cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
@@ -714,8 +610,9 @@ def test_cached_answer_replays_the_same_after_a_redis_round_trip(redis_prefix: s
         await cache.put(k, recorded_chat())
         hit = await cache.get(k)
         assert hit is not None
-        assert (list(replay_sse(hit, response_id="a", model="m", created=1, include_usage=True))
-                == list(replay_sse(recorded_chat(), response_id="a", model="m", created=1, include_usage=True)))
+        renderer = ChatRenderer("a", "m", clock=lambda: 1)
+        assert (list(renderer.replay_events(hit, include_usage=True))
+                == list(renderer.replay_events(recorded_chat(), include_usage=True)))
         await cache.close()
 
     run(go())
