@@ -20,7 +20,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -37,21 +36,14 @@ from loomserve.gateway.auth import OPEN_TENANT, AuthMiddleware, KeyStore, Princi
 from loomserve.gateway.engine_client import EngineClient, EngineError
 from loomserve.gateway.generation import ChoiceDelta, ChoiceResult, merged_choices
 from loomserve.gateway.lifecycle import RequestLifecycle
-from loomserve.gateway.limits import Limits
 from loomserve.gateway.metrics import GatewayMetrics
 from loomserve.gateway.model_info import ModelInfo
 from loomserve.gateway.preparation import PreparedRequest, RequestPreparer
 from loomserve.gateway.protocol import APIError
-from loomserve.gateway.ratelimit import LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
+from loomserve.gateway.ratelimit import RateLimitExceeded
 from loomserve.gateway.rendering import DONE, ChatRenderer, CompletionRenderer, Renderer, TokenText, error_event, usage
-from loomserve.gateway.response_cache import (
-    CACHE_HEADER,
-    CACHE_HIT,
-    CachedResponse,
-    ResponseCache,
-    ResponseRecorder,
-    cache_key,
-)
+from loomserve.gateway.response_cache import CACHE_HEADER, CACHE_HIT, CachedResponse, ResponseRecorder, cache_key
+from loomserve.gateway.services import Services, open_services
 from loomserve.shared import messages as m
 from loomserve.shared.config import GatewayConfig
 from loomserve.shared.tracing import get_tracer, inject_traceparent
@@ -63,34 +55,12 @@ def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def build_limiter(config: GatewayConfig) -> RateLimiter:
-    """The gateway's rate limiter: in Redis (shared by replicas) when ``config.redis_url`` is
-    set, else in this process's memory."""
-    c = config
-    defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
-    if not c.redis_url:
-        return LocalRateLimiter(defaults)
-    return RedisRateLimiter(
-        c.redis_url, defaults,
-        requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
-        tokens_on_failure=c.rate_limit_tokens_on_failure,  # type: ignore[arg-type]
-        timeout_s=c.rate_limit_timeout_ms / 1000.0)
-
-
-@dataclass
-class Services:
-    """What the gateway talks to besides the engine; built inside the event loop
-    (redis.asyncio binds its connections to the loop that opens them)."""
-
-    limiter: RateLimiter
-    cache: ResponseCache | None
-
-
 class Gateway:
-    def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> None:
+    def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo, keys: KeyStore) -> None:
         self.config = config
         self.engine = engine
         self.model = model
+        self.keys = keys
         self.preparer = RequestPreparer(model, self._max_model_len)
         self.token_text = TokenText(model.tokenizer)
         self.token_id_text = TokenText(model.tokenizer, as_ids=True)
@@ -100,24 +70,14 @@ class Gateway:
         self.admin_tenants = {t.strip() for t in config.admin_tenants.split(",") if t.strip()}
 
     async def start(self) -> None:
-        c = self.config
-        limiter = build_limiter(c)
-        if isinstance(limiter, RedisRateLimiter):
-            await limiter.prepare()
-        cache = None
-        if c.response_cache:
-            cache = ResponseCache(c.redis_url, ttl_s=c.response_cache_ttl_s,
-                                  max_entry_bytes=c.response_cache_max_entry_bytes,
-                                  on_error=self.metrics.observe_cache_error)
-        self.services = Services(limiter, cache)
+        # Here, inside the event loop: redis.asyncio binds its connections to the loop that opens them.
+        self.services = await open_services(self.config, self.keys, self.metrics.observe_cache_error)
         await self.engine.start()
 
     async def stop(self) -> None:
         await self.engine.close()
         if self.services is not None:
-            await self.services.limiter.aclose()
-            if self.services.cache is not None:
-                await self.services.cache.close()
+            await self.services.aclose()
 
     # -- routes --------------------------------------------------------------
 
@@ -424,7 +384,7 @@ def _error_handlers() -> dict[Any, Callable[..., Any]]:
 
 
 def create_app(config: GatewayConfig, engine: EngineClient, model: ModelInfo, keys: KeyStore) -> Starlette:
-    gateway = Gateway(config, engine, model)
+    gateway = Gateway(config, engine, model, keys)
     routes = [
         Route("/health", gateway.health, methods=["GET"]),
         Route("/ready", gateway.ready, methods=["GET"]),

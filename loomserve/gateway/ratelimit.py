@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from loomserve.gateway.auth import Principal
@@ -375,21 +373,21 @@ class LocalRateLimiter(RateLimiter):
 class RedisRateLimiter(RateLimiter):
     """Buckets in Redis, shared by every replica, with the clock of the Redis server."""
 
-    def __init__(self, url: str, default_limits: Limits, *,
+    def __init__(self, redis: aioredis.Redis, default_limits: Limits, *,
                  requests_on_failure: FailMode = "open", tokens_on_failure: FailMode = "open",
                  timeout_s: float = 0.05, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
                  key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] | None = None) -> None:
-        """``clock`` (seconds) replaces Redis TIME, for tests only: replicas would disagree."""
+        """``redis`` is the gateway's shared client (see gateway/services.py); each call gets
+        ``timeout_s``, connecting included. ``clock`` (seconds) replaces Redis TIME, for tests
+        only: replicas would disagree."""
         if not timeout_s > 0:
             raise ValueError(f"the rate-limit Redis timeout must be positive, got {timeout_s * 1000:g} ms")
         super().__init__(default_limits, requests_on_failure=requests_on_failure,
                          tokens_on_failure=tokens_on_failure, key_prefix=key_prefix)
         self.timeout_s = timeout_s
         self.clock = clock
-        # No retries inside the client: the breaker decides when to try again.
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 0))
-        self._script = self._redis.register_script(GCRA_LUA)
+        self._redis = redis
+        self._script = redis.register_script(GCRA_LUA)
         self.breaker = CircuitBreaker(
             f"rate-limit Redis (requests fail {requests_on_failure}, tokens fail {tokens_on_failure})",
             base_backoff_s, max_backoff_s)
@@ -440,8 +438,4 @@ class RedisRateLimiter(RateLimiter):
         except StoreUnavailable:
             # The tenant stays charged for tokens it did not use until its TAT passes: safe side.
             self.stats.refunds_lost += 1
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        await self._redis.aclose()
 

@@ -22,12 +22,13 @@ asks for (``stream`` is not part of the key; gateway/rendering.py replays).
 Redis is an optimisation, never a dependency: a failed read is a miss, a failed
 write is logged (at most once per interval) and counted, and after a failure
 Redis is left alone for ``retry_after_s`` so that an outage does not add a
-timeout to every request. Without a Redis URL, entries live in a per-process
-LRU bounded by entry count and bytes (valid for a single gateway replica).
+timeout to every request. Without Redis, entries live in a per-process LRU
+bounded by entry count and bytes (valid for a single gateway replica).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -37,12 +38,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
@@ -315,28 +313,19 @@ class LRUStore:
         return True
 
 
-def _describe_redis_url(url: str) -> str:
-    """The URL without credentials (user info or query options), for logs."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 class ResponseCache:
     """Stores and fetches ``CachedResponse`` entries by ``cache_key``.
 
-    ``redis_url`` None keeps entries in process. ``ttl_s`` is the default lifetime of an
-    entry; entries whose encoding exceeds ``max_entry_bytes`` are not stored.
-    ``on_error`` is called with "get" or "put" after each Redis failure (for a metric).
-    With Redis, use one instance from one event loop (redis.asyncio binds its connections
-    to the loop that opened them) and ``close`` it at shutdown.
+    ``redis`` is the gateway's shared client (see gateway/services.py), or None to keep
+    entries in process; each Redis call gets ``redis_timeout_s``, connecting included.
+    ``ttl_s`` is the default lifetime of an entry; entries whose encoding exceeds
+    ``max_entry_bytes`` are not stored. ``on_error`` is called with "get" or "put" after
+    each Redis failure (for a metric).
     """
 
     def __init__(
         self,
-        redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
         *,
         ttl_s: float = 3600.0,
         max_entry_bytes: int = 1 << 20,
@@ -356,26 +345,20 @@ class ResponseCache:
         self.max_entry_bytes = max_entry_bytes
         self.key_prefix = key_prefix
         self.stats = CacheStats()
+        self._redis_timeout_s = redis_timeout_s
         self._retry_after_s = retry_after_s
         self._on_error = on_error
         self._clock = clock
         self._errors_log = _LogLimiter(10.0, clock)
         self._redis_down_until = 0.0
         self._memory: LRUStore | None = None
-        self._redis: aioredis.Redis | None = None
-        if redis_url is None:
+        self._redis = redis
+        if redis is None:
             self._memory = LRUStore(max_entries, max_bytes, clock)
             log.info("response cache in process (at most %d entries, %d MiB; valid for one gateway replica)",
                      max_entries, max_bytes >> 20)
         else:
-            # No retries: a cache lookup that fails is a miss, and retrying would only
-            # add latency to the request waiting behind it.
-            self._redis = aioredis.Redis.from_url(
-                redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
-            log.info("response cache in Redis at %s (shared by every gateway replica)",
-                     _describe_redis_url(redis_url))
+            log.info("response cache in Redis (shared by every gateway replica)")
 
     @property
     def backend(self) -> str:
@@ -402,8 +385,9 @@ class ResponseCache:
             data = self._memory.get(key)
         elif self._redis is not None and self._redis_usable():
             try:
-                # decode_responses is off, so values come back as bytes.
-                data = cast(bytes | None, await self._redis.get(self.key_prefix + key))
+                async with asyncio.timeout(self._redis_timeout_s):
+                    # The shared client does not decode: values come back as bytes.
+                    data = cast(bytes | None, await self._redis.get(self.key_prefix + key))
             # Any failure of the cache, whatever its type, must leave the request to the engine.
             except Exception as e:
                 self._redis_failed("get", e)
@@ -439,8 +423,9 @@ class ResponseCache:
             stored = self._memory.put(key, data, ttl)
         elif self._redis is not None and self._redis_usable():
             try:
-                # Milliseconds, so a sub-second TTL is not rounded to nothing or to a whole second.
-                stored = bool(await self._redis.set(self.key_prefix + key, data, px=max(1, round(ttl * 1000))))
+                async with asyncio.timeout(self._redis_timeout_s):
+                    # Milliseconds, so a sub-second TTL is not rounded to nothing or to a whole second.
+                    stored = bool(await self._redis.set(self.key_prefix + key, data, px=max(1, round(ttl * 1000))))
             except Exception as e:  # as in get: the cache never fails the request
                 self._redis_failed("put", e)
                 stored = False
@@ -449,7 +434,3 @@ class ResponseCache:
         if stored:
             self.stats.stores += 1
         return stored
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()

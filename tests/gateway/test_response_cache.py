@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -31,6 +32,7 @@ from loomserve.gateway.response_cache import (
     is_cacheable,
 )
 from loomserve.gateway.sampling_defaults import OPENAI_DEFAULTS
+from tests.gateway.redis_clients import redis_client
 from tests.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
@@ -91,8 +93,11 @@ def throwaway_redis() -> Iterator[RedisServer]:
         yield server
 
 
-def caches(redis_prefix: str, **kwargs: Any) -> list[ResponseCache]:
-    return [ResponseCache(REDIS_URL, key_prefix=redis_prefix, **kwargs), ResponseCache(None, **kwargs)]
+@contextlib.asynccontextmanager
+async def caches(redis_prefix: str, **kwargs: Any) -> AsyncIterator[list[ResponseCache]]:
+    """The same cache in the shared Redis and in process."""
+    async with redis_client(REDIS_URL) as shared:
+        yield [ResponseCache(shared, key_prefix=redis_prefix, **kwargs), ResponseCache(None, **kwargs)]
 
 
 # -- keys -----------------------------------------------------------------------
@@ -304,17 +309,17 @@ def test_a_body_that_is_not_parsed_json_is_a_programming_error() -> None:
 
 def test_redis_hit_and_miss(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        assert cache.backend == "redis"
-        k = key(COMPLETION_BASE)
-        assert k is not None
-        assert await cache.get(k) is None
-        stored = answer(pieces=3)
-        assert await cache.put(k, stored)
-        assert await cache.get(k) == stored
-        assert await cache.get(key({**COMPLETION_BASE, "max_tokens": 17}) or "") is None
-        assert (cache.stats.hits, cache.stats.misses, cache.stats.stores) == (1, 2, 1)
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            assert cache.backend == "redis"
+            k = key(COMPLETION_BASE)
+            assert k is not None
+            assert await cache.get(k) is None
+            stored = answer(pieces=3)
+            assert await cache.put(k, stored)
+            assert await cache.get(k) == stored
+            assert await cache.get(key({**COMPLETION_BASE, "max_tokens": 17}) or "") is None
+            assert (cache.stats.hits, cache.stats.misses, cache.stats.stores) == (1, 2, 1)
 
     run(go())
     raw = redis.Redis.from_url(REDIS_URL).get(redis_prefix + (key(COMPLETION_BASE) or ""))
@@ -323,48 +328,48 @@ def test_redis_hit_and_miss(redis_prefix: str) -> None:
 
 def test_redis_and_memory_give_the_same_answers(redis_prefix: str) -> None:
     async def go() -> None:
-        for cache in caches(redis_prefix):
-            k = key(CHAT_BASE, endpoint=CHAT)
-            assert k is not None
-            await cache.put(k, answer(kind="chat", choices=2, pieces=4))
-            assert await cache.get(k) == answer(kind="chat", choices=2, pieces=4), cache.backend
-            await cache.close()
+        async with caches(redis_prefix) as both:
+            for cache in both:
+                k = key(CHAT_BASE, endpoint=CHAT)
+                assert k is not None
+                await cache.put(k, answer(kind="chat", choices=2, pieces=4))
+                assert await cache.get(k) == answer(kind="chat", choices=2, pieces=4), cache.backend
 
     run(go())
 
 
 def test_tenant_never_gets_another_tenants_entry(redis_prefix: str) -> None:
     async def go() -> None:
-        for cache in caches(redis_prefix):
-            key_a = key(COMPLETION_BASE, tenant="tenant-a")
-            key_b = key(COMPLETION_BASE, tenant="tenant-b")
-            assert key_a is not None and key_b is not None and key_a != key_b
-            await cache.put(key_a, answer("answer for A"))
-            assert await cache.get(key_b) is None, cache.backend
-            await cache.put(key_b, answer("answer for B"))
-            hit_a, hit_b = await cache.get(key_a), await cache.get(key_b)
-            assert hit_a is not None and hit_a.choices[0].text == "answer for A"
-            assert hit_b is not None and hit_b.choices[0].text == "answer for B"
-            await cache.close()
+        async with caches(redis_prefix) as both:
+            for cache in both:
+                key_a = key(COMPLETION_BASE, tenant="tenant-a")
+                key_b = key(COMPLETION_BASE, tenant="tenant-b")
+                assert key_a is not None and key_b is not None and key_a != key_b
+                await cache.put(key_a, answer("answer for A"))
+                assert await cache.get(key_b) is None, cache.backend
+                await cache.put(key_b, answer("answer for B"))
+                hit_a, hit_b = await cache.get(key_a), await cache.get(key_b)
+                assert hit_a is not None and hit_a.choices[0].text == "answer for A"
+                assert hit_b is not None and hit_b.choices[0].text == "answer for B"
 
     run(go())
 
 
 def test_redis_entry_expires_after_its_ttl(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix, ttl_s=30)
-        short, default = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 3}) or ""
-        assert await cache.put(short, answer(), ttl_s=0.3)
-        assert await cache.put(default, answer())
-        client = redis.Redis.from_url(REDIS_URL)
-        assert 0 < client.pttl(redis_prefix + short) <= 300
-        assert 29_000 < client.pttl(redis_prefix + default) <= 30_000
-        client.close()
-        assert await cache.get(short) is not None
-        await asyncio.sleep(0.5)
-        assert await cache.get(short) is None
-        assert await cache.get(default) is not None
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix, ttl_s=30)
+            short, default = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 3}) or ""
+            assert await cache.put(short, answer(), ttl_s=0.3)
+            assert await cache.put(default, answer())
+            client = redis.Redis.from_url(REDIS_URL)
+            assert 0 < client.pttl(redis_prefix + short) <= 300
+            assert 29_000 < client.pttl(redis_prefix + default) <= 30_000
+            client.close()
+            assert await cache.get(short) is not None
+            await asyncio.sleep(0.5)
+            assert await cache.get(short) is None
+            assert await cache.get(default) is not None
 
     run(go())
 
@@ -375,14 +380,14 @@ def test_entries_over_the_size_bound_are_not_cached(redis_prefix: str) -> None:
     assert len(encode_entry(big)) > limit
 
     async def go() -> None:
-        for cache in caches(redis_prefix, max_entry_bytes=limit):
-            k_small, k_big = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 999}) or ""
-            assert await cache.put(k_small, small)
-            assert not await cache.put(k_big, big)
-            assert cache.stats.too_large == 1
-            assert await cache.get(k_big) is None
-            assert await cache.get(k_small) == small
-            await cache.close()
+        async with caches(redis_prefix, max_entry_bytes=limit) as both:
+            for cache in both:
+                k_small, k_big = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 999}) or ""
+                assert await cache.put(k_small, small)
+                assert not await cache.put(k_big, big)
+                assert cache.stats.too_large == 1
+                assert await cache.get(k_big) is None
+                assert await cache.get(k_small) == small
 
     run(go())
     assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=redis_prefix + "*")) == [
@@ -408,62 +413,62 @@ def test_redis_stopped_is_a_miss_without_exception(throwaway_redis: RedisServer)
     errors: list[str] = []
 
     async def go() -> None:
-        cache = ResponseCache(throwaway_redis.url, retry_after_s=0.3, on_error=errors.append)
-        k = key(COMPLETION_BASE) or ""
-        assert await cache.put(k, answer())
-        assert await cache.get(k) == answer()
+        async with redis_client(throwaway_redis.url) as shared:
+            cache = ResponseCache(shared, retry_after_s=0.3, on_error=errors.append)
+            k = key(COMPLETION_BASE) or ""
+            assert await cache.put(k, answer())
+            assert await cache.get(k) == answer()
 
-        throwaway_redis.stop()
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert not await cache.put(k, answer())  # within the back-off: Redis is not even tried
-        assert await cache.get(k) is None
-        assert time.monotonic() - started < 1.0
-        assert errors == ["get"]
-        assert (cache.stats.get_errors, cache.stats.put_errors) == (1, 0)
+            throwaway_redis.stop()
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert not await cache.put(k, answer())  # within the back-off: Redis is not even tried
+            assert await cache.get(k) is None
+            assert time.monotonic() - started < 1.0
+            assert errors == ["get"]
+            assert (cache.stats.get_errors, cache.stats.put_errors) == (1, 0)
 
-        await asyncio.sleep(0.35)
-        assert not await cache.put(k, answer())
-        assert errors == ["get", "put"]
-        assert cache.stats.put_errors == 1
+            await asyncio.sleep(0.35)
+            assert not await cache.put(k, answer())
+            assert errors == ["get", "put"]
+            assert cache.stats.put_errors == 1
 
-        # Back again (empty, as a restarted Redis without persistence is): the cache works again.
-        throwaway_redis.start()
-        await asyncio.sleep(0.35)
-        assert await cache.get(k) is None
-        assert await cache.put(k, answer())
-        assert await cache.get(k) == answer()
-        assert errors == ["get", "put"]
-        await cache.close()
+            # Back again (empty, as a restarted Redis without persistence is): the cache works again.
+            throwaway_redis.start()
+            await asyncio.sleep(0.35)
+            assert await cache.get(k) is None
+            assert await cache.put(k, answer())
+            assert await cache.get(k) == answer()
+            assert errors == ["get", "put"]
 
     run(go())
 
 
 def test_stalled_redis_is_a_miss_within_the_timeout(throwaway_redis: RedisServer) -> None:
     async def go() -> None:
-        cache = ResponseCache(throwaway_redis.url, redis_timeout_s=0.2)
-        k = key(COMPLETION_BASE) or ""
-        assert await cache.put(k, answer())
-        throwaway_redis.pause(2.0)
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert time.monotonic() - started < 1.0
-        assert cache.stats.get_errors == 1
-        await cache.close()
+        async with redis_client(throwaway_redis.url) as shared:
+            cache = ResponseCache(shared, redis_timeout_s=0.2)
+            k = key(COMPLETION_BASE) or ""
+            assert await cache.put(k, answer())
+            throwaway_redis.pause(2.0)
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert time.monotonic() - started < 1.0
+            assert cache.stats.get_errors == 1
 
     run(go())
 
 
 def test_unreachable_redis_is_a_quick_miss() -> None:
     async def go() -> None:
-        cache = ResponseCache(f"redis://127.0.0.1:{free_port()}/0")
-        k = key(COMPLETION_BASE) or ""
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert not await cache.put(k, answer())
-        assert time.monotonic() - started < 1.0
-        assert cache.stats.get_errors == 1
-        await cache.close()
+        async with redis_client(f"redis://127.0.0.1:{free_port()}/0") as shared:
+            cache = ResponseCache(shared)
+            k = key(COMPLETION_BASE) or ""
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert not await cache.put(k, answer())
+            assert time.monotonic() - started < 1.0
+            assert cache.stats.get_errors == 1
 
     run(go())
 
@@ -475,19 +480,12 @@ def test_damaged_entry_is_a_miss(redis_prefix: str) -> None:
     client.close()
 
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        assert await cache.get(k) is None
-        assert cache.stats.misses == 1
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            assert await cache.get(k) is None
+            assert cache.stats.misses == 1
 
     run(go())
-
-
-def test_log_shows_no_redis_credentials(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="loomserve.gateway.response_cache"):
-        ResponseCache("redis://user:s3cret@cache.internal:6380/2?password=hunter2")
-    assert "redis://cache.internal:6380/2" in caplog.text
-    assert "s3cret" not in caplog.text and "hunter2" not in caplog.text
 
 
 def test_bad_configuration_is_refused() -> None:
@@ -605,15 +603,15 @@ def test_recorder_builds_the_entry() -> None:
 
 def test_cached_answer_replays_the_same_after_a_redis_round_trip(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        k = key(CHAT_BASE, endpoint=CHAT) or ""
-        await cache.put(k, recorded_chat())
-        hit = await cache.get(k)
-        assert hit is not None
-        renderer = ChatRenderer("a", "m", clock=lambda: 1)
-        assert (list(renderer.replay_events(hit, include_usage=True))
-                == list(renderer.replay_events(recorded_chat(), include_usage=True)))
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            k = key(CHAT_BASE, endpoint=CHAT) or ""
+            await cache.put(k, recorded_chat())
+            hit = await cache.get(k)
+            assert hit is not None
+            renderer = ChatRenderer("a", "m", clock=lambda: 1)
+            assert (list(renderer.replay_events(hit, include_usage=True))
+                    == list(renderer.replay_events(recorded_chat(), include_usage=True)))
 
     run(go())
 
