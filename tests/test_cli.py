@@ -63,7 +63,7 @@ def test_new_key_prints_a_key_whose_digest_alone_lands_in_the_keys_file(tmp_path
     records = load_keys_file(keys_file)
     assert [(r.tenant, r.name, r.sha256) for r in records] == [("acme", "ci", hash_key(key_a)),
                                                                ("globex", "", hash_key(key_b))]
-    store = KeyStore(records, None)
+    store = KeyStore(records)
     principal = asyncio.run(store.authenticate(key_b))
     assert principal is not None and principal.tenant == "globex"
 

@@ -20,7 +20,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -31,121 +30,38 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from transformers import PreTrainedTokenizerBase
 
 from loomserve.gateway.asgi import ClientDisconnected, SSEResponse, race_disconnect
 from loomserve.gateway.auth import OPEN_TENANT, AuthMiddleware, KeyStore, Principal
 from loomserve.gateway.engine_client import EngineClient, EngineError
-from loomserve.gateway.generation import (
-    ChoiceDelta,
-    ChoiceResult,
-    TokenText,
-    chat_logprobs,
-    completion_logprobs,
-    generate_choices,
-)
+from loomserve.gateway.generation import ChoiceDelta, ChoiceResult, merged_choices
 from loomserve.gateway.lifecycle import RequestLifecycle
 from loomserve.gateway.metrics import GatewayMetrics
-from loomserve.gateway.protocol import (
-    MAX_TOP_LOGPROBS,
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    decode_body,
-    stop_strings,
-    validate_roles,
-    validate_sampling,
-)
-from loomserve.gateway.ratelimit import Limits, LocalRateLimiter, RateLimiter, RateLimitExceeded, RedisRateLimiter
-from loomserve.gateway.response_cache import (
-    CACHE_HEADER,
-    CACHE_HIT,
-    CachedResponse,
-    ResponseCache,
-    ResponseRecorder,
-    cache_key,
-    replay_json,
-    replay_sse,
-)
-from loomserve.gateway.sampling_defaults import SamplingDefaults
-from loomserve.gateway.tokenizer import apply_chat_template
+from loomserve.gateway.model_info import ModelInfo
+from loomserve.gateway.preparation import PreparedRequest, RequestPreparer
+from loomserve.gateway.protocol import APIError
+from loomserve.gateway.ratelimit import RateLimitExceeded
+from loomserve.gateway.rendering import DONE, ChatRenderer, CompletionRenderer, Renderer, TokenText, error_event, usage
+from loomserve.gateway.response_cache import CACHE_HEADER, CACHE_HIT, CachedResponse, ResponseRecorder, cache_key
+from loomserve.gateway.services import Services, open_services
 from loomserve.shared import messages as m
 from loomserve.shared.config import GatewayConfig
 from loomserve.shared.tracing import get_tracer, inject_traceparent
 
 log = logging.getLogger(__name__)
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    tokenizer: PreTrainedTokenizerBase
-    eos_token_ids: list[int]
-    revision: str  # changes when the weights change; part of the response-cache key
-    sampling_defaults: SamplingDefaults  # for the sampling fields a request leaves out
-
-
-@dataclass
-class PreparedRequest:
-    """A validated request, ready to fan out into engine requests."""
-
-    kind: str  # "completion" | "chat"
-    response_id: str
-    prompts: list[list[int]]
-    n: int
-    sampling: m.SamplingParams  # choice i of a seeded request samples with seed + i (the scheduler's doing)
-    stop: list[str]
-    skip_special_tokens: bool
-    stream: bool
-    include_usage: bool
-    want_logprobs: bool
-    priority: int
-    return_token_ids: bool
-    tokens_as_ids: bool
-    queue_timeout_s: float | None
-
 
 def _json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
-def build_limiter(config: GatewayConfig) -> RateLimiter:
-    """The gateway's rate limiter: in Redis (shared by replicas) when ``config.redis_url`` is
-    set, else in this process's memory."""
-    c = config
-    defaults = Limits(c.rate_limit_rpm, c.rate_limit_tpm, c.rate_limit_request_burst, c.rate_limit_token_burst)
-    if not c.redis_url:
-        return LocalRateLimiter(defaults)
-    return RedisRateLimiter(
-        c.redis_url, defaults,
-        requests_on_failure=c.rate_limit_requests_on_failure,  # type: ignore[arg-type]
-        tokens_on_failure=c.rate_limit_tokens_on_failure,  # type: ignore[arg-type]
-        timeout_s=c.rate_limit_timeout_ms / 1000.0)
-
-
-@dataclass
-class Services:
-    """What the gateway talks to besides the engine; built inside the event loop
-    (redis.asyncio binds its connections to the loop that opens them)."""
-
-    limiter: RateLimiter
-    cache: ResponseCache | None
-
-
 class Gateway:
-    def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo) -> None:
+    def __init__(self, config: GatewayConfig, engine: EngineClient, model: ModelInfo, keys: KeyStore) -> None:
         self.config = config
         self.engine = engine
         self.model = model
+        self.keys = keys
+        self.preparer = RequestPreparer(model, self._max_model_len)
         self.token_text = TokenText(model.tokenizer)
         self.token_id_text = TokenText(model.tokenizer, as_ids=True)
         self.metrics = GatewayMetrics(config.price_per_1m_input_usd, config.price_per_1m_output_usd)
@@ -154,24 +70,14 @@ class Gateway:
         self.admin_tenants = {t.strip() for t in config.admin_tenants.split(",") if t.strip()}
 
     async def start(self) -> None:
-        c = self.config
-        limiter = build_limiter(c)
-        if isinstance(limiter, RedisRateLimiter):
-            await limiter.prepare()
-        cache = None
-        if c.response_cache:
-            cache = ResponseCache(c.redis_url, ttl_s=c.response_cache_ttl_s,
-                                  max_entry_bytes=c.response_cache_max_entry_bytes,
-                                  on_error=self.metrics.observe_cache_error)
-        self.services = Services(limiter, cache)
+        # Here, inside the event loop: redis.asyncio binds its connections to the loop that opens them.
+        self.services = await open_services(self.config, self.keys, self.metrics.observe_cache_error)
         await self.engine.start()
 
     async def stop(self) -> None:
         await self.engine.close()
         if self.services is not None:
-            await self.services.limiter.aclose()
-            if self.services.cache is not None:
-                await self.services.cache.close()
+            await self.services.aclose()
 
     # -- routes --------------------------------------------------------------
 
@@ -246,13 +152,13 @@ class Gateway:
         return _json_response(200, {"status": "reset"})
 
     async def completions(self, request: Request) -> Response:
-        return await self._handle(request, "/v1/completions", CompletionRequest, self._prepare_completion)
+        return await self._handle(request, "/v1/completions", self.preparer.completion, CompletionRenderer)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._handle(request, "/v1/chat/completions", ChatCompletionRequest, self._prepare_chat)
+        return await self._handle(request, "/v1/chat/completions", self.preparer.chat, ChatRenderer)
 
-    async def _handle(self, request: Request, endpoint: str, body_type: type[Any],
-                      prepare: Callable[[Any], PreparedRequest]) -> Response:
+    async def _handle(self, request: Request, endpoint: str, prepare: Callable[[bytes], PreparedRequest],
+                      api: type[Renderer]) -> Response:
         assert self.services is not None
         principal = _principal(request)
         span = self.tracer.start_span(f"POST {endpoint}", kind=SpanKind.SERVER,
@@ -262,25 +168,26 @@ class Gateway:
             raw = await self._read_body(request)
             with trace.use_span(span, end_on_exit=False):
                 with self.tracer.start_as_current_span("tokenize"):
-                    prep = prepare(decode_body(raw, body_type))
+                    prep = prepare(raw)
                 life.prompt_tokens = sum(len(p) for p in prep.prompts)
                 span.set_attributes({"loomserve.request_id": prep.response_id, "loomserve.n": prep.n,
                                      "loomserve.stream": prep.stream,
                                      "loomserve.max_tokens": prep.sampling.max_tokens,
                                      "loomserve.prompt_tokens": life.prompt_tokens})
                 with self.tracer.start_as_current_span("rate_limit"):
-                    reserve = life.prompt_tokens + len(prep.prompts) * prep.n * prep.sampling.max_tokens
+                    reserve = life.prompt_tokens + prep.num_choices * prep.sampling.max_tokens
                     try:
                         life.admission = await self.services.limiter.admit(principal, reserve)
                     except RateLimitExceeded as e:
                         self.metrics.observe_rate_limit_rejection(principal.tenant, e.type)
                         raise
-                cached = await self._cache_lookup(life, prep, raw)
+                cached = await self._cache_lookup(life, prep, api, raw)
+            renderer = self._renderer(api, prep)
             headers = {"x-request-id": prep.response_id, **life.admission.headers}
             if cached is not None:
                 await life.finish(200)
-                return self._replay(prep, cached, headers)
-            response = await self._serve(request, prep, life, headers)
+                return self._replay(prep, renderer, cached, headers)
+            response = await self._serve(request, prep, renderer, life, headers)
         except APIError as e:
             await life.finish(e.status, e.message)
             raise
@@ -292,7 +199,14 @@ class Gateway:
             raise
         return response
 
-    async def _cache_lookup(self, life: RequestLifecycle, prep: PreparedRequest, raw: bytes) -> CachedResponse | None:
+    def _renderer(self, api: type[Renderer], prep: PreparedRequest) -> Renderer:
+        token_text = None
+        if prep.want_logprobs:
+            token_text = self.token_id_text if prep.tokens_as_ids else self.token_text
+        return api(prep.response_id, self.model.name, return_token_ids=prep.return_token_ids, token_text=token_text)
+
+    async def _cache_lookup(self, life: RequestLifecycle, prep: PreparedRequest, api: type[Renderer],
+                            raw: bytes) -> CachedResponse | None:
         cache = self.services.cache if self.services else None
         if cache is None:
             return None
@@ -307,21 +221,15 @@ class Gateway:
             span.set_attribute("loomserve.cache", "hit" if cached is not None else "miss")
             if cached is None:
                 life.cache, life.cache_key = cache, key
-                life.recorder = ResponseRecorder("chat" if prep.kind == "chat" else "completion",
-                                                 len(prep.prompts) * prep.n)
+                life.recorder = ResponseRecorder(api.kind, prep.num_choices)
             return cached
 
-    def _replay(self, prep: PreparedRequest, cached: CachedResponse, headers: dict[str, str]) -> Response:
+    def _replay(self, prep: PreparedRequest, renderer: Renderer, cached: CachedResponse,
+                headers: dict[str, str]) -> Response:
         headers = {**headers, CACHE_HEADER: CACHE_HIT}
         if prep.stream:
-            events = replay_sse(cached, response_id=prep.response_id, model=self.model.name,
-                                include_usage=prep.include_usage, return_token_ids=prep.return_token_ids)
-            return SSEResponse(_aiter(events), headers)
-        body = replay_json(cached, response_id=prep.response_id, model=self.model.name,
-                           return_token_ids=prep.return_token_ids)
-        return _json_response(200, body, headers)
-
-    # -- request preparation -------------------------------------------------
+            return SSEResponse(_aiter(renderer.replay_events(cached, include_usage=prep.include_usage)), headers)
+        return _json_response(200, renderer.replay_body(cached), headers)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -337,11 +245,6 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves "
-                                f"{self.model.name!r}", param="model", code="model_not_found")
-
     def _max_model_len(self) -> int:
         status = self.engine.status
         problem = self.engine.engine_problem()
@@ -350,139 +253,15 @@ class Gateway:
                            headers={"retry-after": "5"})
         return status.max_model_len
 
-    def _tokenize_prompt(self, prompt: str | list[str | int | list[int]]) -> list[list[int]]:
-        vocab = len(self.model.tokenizer)
-        items: list[str | int | list[int]] = [prompt] if isinstance(prompt, str) else prompt
-        prompts: list[list[int]] = []
-        if items and all(isinstance(p, int) for p in items):
-            prompts = [[p for p in items if isinstance(p, int)]]
-        elif items and all(isinstance(p, str) for p in items):
-            prompts = [self.model.tokenizer.encode(p, add_special_tokens=True) for p in items if isinstance(p, str)]
-        elif items and all(isinstance(p, list) for p in items):
-            prompts = [list(p) for p in items if isinstance(p, list)]
-        else:
-            raise APIError(400, "prompt must be a string, a list of strings, a list of token ids "
-                                "or a list of lists of token ids, and not empty", param="prompt")
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise APIError(400, f"token id {bad} is out of range for a vocabulary of {vocab}",
-                               param="prompt")
-        return prompts
-
-    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                  logprobs: int | None) -> m.SamplingParams:
-        eos = [] if req.ignore_eos else self.model.eos_token_ids
-        bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
-        vocab = len(self.model.tokenizer)
-        if bias and any(not 0 <= k < vocab for k in bias):
-            raise APIError(400, f"logit_bias has a token id outside the vocabulary of {vocab}",
-                           param="logit_bias")
-        default = self.model.sampling_defaults.values
-        top_k = int(default["top_k"]) if req.top_k is None else req.top_k
-        return m.SamplingParams(
-            max_tokens=max_tokens,
-            temperature=default["temperature"] if req.temperature is None else req.temperature,
-            top_p=default["top_p"] if req.top_p is None else req.top_p,
-            top_k=max(top_k, 0),
-            min_p=default["min_p"] if req.min_p is None else req.min_p,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=default["repetition_penalty"] if req.repetition_penalty is None
-            else req.repetition_penalty,
-            logit_bias=bias,
-            logprobs=logprobs,
-            stop_token_ids=sorted(set(eos) | set(req.stop_token_ids or [])),
-            min_tokens=req.min_tokens,
-        )
-
-    def _finish_prepare(self, kind: str, req: CompletionRequest | ChatCompletionRequest,
-                        prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
-                        logprobs: int | None) -> PreparedRequest:
-        max_model_len = self._max_model_len()
-        longest = max(len(p) for p in prompts)
-        if longest >= max_model_len:
-            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, "
-                                f"but the prompt has {longest} tokens", param="prompt",
-                           code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = max_model_len - longest if default_max is None else default_max
-            max_tokens = min(max_tokens, max_model_len - longest)
-        elif longest + max_tokens > max_model_len:
-            raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, "
-                                f"but {longest} prompt tokens + {max_tokens} max_tokens = "
-                                f"{longest + max_tokens}; lower max_tokens or shorten the prompt",
-                           param="max_tokens", code="context_length_exceeded")
-        prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        return PreparedRequest(
-            kind=kind,
-            response_id=f"{prefix}-{uuid.uuid4().hex}",
-            prompts=prompts,
-            n=req.n,
-            sampling=self._sampling(req, max_tokens, logprobs),
-            stop=stop_strings(req),
-            skip_special_tokens=req.skip_special_tokens,
-            stream=req.stream,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            want_logprobs=logprobs is not None,
-            priority=req.priority,
-            return_token_ids=req.return_token_ids,
-            tokens_as_ids=req.return_tokens_as_token_ids,
-            queue_timeout_s=req.queue_timeout,
-        )
-
-    def _prepare_completion(self, req: CompletionRequest) -> PreparedRequest:
-        self._check_model(req.model)
-        validate_sampling(req, req.max_tokens)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
-        prompts = self._tokenize_prompt(req.prompt)
-        return self._finish_prepare("completion", req, prompts, req.max_tokens,
-                                    COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs)
-
-    def _prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
-        self._check_model(req.model)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        validate_sampling(req, max_tokens)
-        if not req.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        validate_roles(req.messages)
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
-                           param="top_logprobs")
-        messages = []
-        for msg in req.messages:
-            content = msg.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise APIError(400, "only text content parts are supported", param="messages")
-                    parts.append(part["text"])
-                content = "".join(parts)
-            messages.append({"role": msg.role, "content": content or ""})
-        try:
-            prompt = apply_chat_template(self.model.tokenizer, messages,
-                                         add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # the template raises on conversations it does not accept
-            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from e
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._finish_prepare("chat", req, [prompt], max_tokens, None, logprobs)
-
     # -- running -------------------------------------------------------------
 
-    async def _serve(self, request: Request, prep: PreparedRequest, life: RequestLifecycle,
+    async def _serve(self, request: Request, prep: PreparedRequest, renderer: Renderer, life: RequestLifecycle,
                      headers: dict[str, str]) -> Response:
         if prep.stream:
             # The response starts only once the engine took the request and produced
             # a first delta, so a refusal (queue full, context too long) is a plain
             # HTTP error with its status and headers, not an event in a 200 stream.
-            deltas = self._merged(prep, life)
+            deltas = self._generate(prep, life)
             try:
                 first = await race_disconnect(request.receive, anext(deltas))
             except ClientDisconnected:
@@ -492,13 +271,13 @@ class Gateway:
             except BaseException:
                 await deltas.aclose()
                 raise
-            return SSEResponse(self._stream(prep, life, first, deltas), headers)
+            return SSEResponse(self._stream(prep, renderer, life, first, deltas), headers)
         try:
-            results = await race_disconnect(request.receive, self._collect(prep, life))
+            results = await race_disconnect(request.receive, self._collect(prep, renderer, life))
         except ClientDisconnected:
             await life.finish(499, "client disconnected")
             return Response(status_code=499)
-        body = self._full_response(prep, results)
+        body = renderer.results_body(results, self._usage(prep, sum(len(r.token_ids) for r in results)))
         await life.finish(200)
         return _json_response(200, body, headers)
 
@@ -508,140 +287,51 @@ class Gateway:
                                                attributes={"loomserve.prompt": prompt_index}) as span:
             return inject_traceparent(span)
 
-    def _engine_requests(self, prep: PreparedRequest, life: RequestLifecycle) -> list[tuple[int, m.AddRequest]]:
-        """One engine request per prompt, with the index of its first choice (prompt p has
-        choices p * n .. p * n + n - 1)."""
-        now = time.time()
-        return [(p * prep.n, m.AddRequest(
-            request_id=f"{prep.response_id}-{p}",
-            prompt_token_ids=prompt,
-            sampling=prep.sampling,
-            arrival_time=now,
-            priority=prep.priority,
-            tenant=life.principal.tenant,
-            traceparent=self._trace_context(life, p),
-            queue_timeout_s=prep.queue_timeout_s,
-            n=prep.n,
-        )) for p, prompt in enumerate(prep.prompts)]
-
-    async def _merged(self, prep: PreparedRequest, life: RequestLifecycle) -> AsyncGenerator[ChoiceDelta, None]:
+    def _generate(self, prep: PreparedRequest, life: RequestLifecycle) -> AsyncGenerator[ChoiceDelta, None]:
         """Deltas of every choice, as they come."""
-        queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
-        engine_requests = self._engine_requests(prep, life)
+        engine_requests = prep.engine_requests(life.principal.tenant, lambda p: self._trace_context(life, p))
+        return merged_choices(self.engine, self.model.tokenizer, prep, engine_requests, life.on_tokens)
 
-        async def run(first_index: int, add: m.AddRequest) -> None:
-            try:
-                async for delta in generate_choices(self.engine, self.model.tokenizer, add, first_index, prep.stop,
-                                                    prep.skip_special_tokens, prep.kind == "completion"):
-                    queue.put_nowait(delta)
-            except Exception as e:
-                queue.put_nowait(e)
-
-        tasks = [asyncio.create_task(run(i, add)) for i, add in engine_requests]
-        remaining = len(prep.prompts) * prep.n  # choices not ended yet
-        try:
-            while remaining:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
-                life.on_tokens(len(item.token_ids))
-                yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def _collect(self, prep: PreparedRequest, life: RequestLifecycle) -> list[ChoiceResult]:
-        results = [ChoiceResult(i) for i in range(len(prep.prompts) * prep.n)]
-        async for delta in self._merged(prep, life):
+    async def _collect(self, prep: PreparedRequest, renderer: Renderer,
+                       life: RequestLifecycle) -> list[ChoiceResult]:
+        results = [ChoiceResult(i) for i in range(prep.num_choices)]
+        async for delta in self._generate(prep, life):
             r = results[delta.index]
             r.text += delta.text
             r.token_ids += delta.token_ids
             r.logprobs += delta.logprobs
-            life.record(delta.index, delta.text, delta.token_ids,
-                        self._logprobs_field(prep, delta.logprobs, delta.token_ids), delta.finish_reason)
+            life.record(delta.index, delta.text, delta.token_ids, renderer.logprobs(delta.logprobs, delta.token_ids),
+                        delta.finish_reason)
             if delta.finish_reason is not None:
                 r.finish_reason = delta.finish_reason
         return results
 
     def _usage(self, prep: PreparedRequest, completion_tokens: int) -> dict[str, int]:
-        prompt_tokens = sum(len(p) for p in prep.prompts)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return usage(sum(len(p) for p in prep.prompts), completion_tokens)
 
-    def _logprobs_field(self, prep: PreparedRequest, lps: list[m.TokenLogprobs],
-                        token_ids: list[int]) -> dict[str, Any] | None:
-        if not prep.want_logprobs:
-            return None
-        token_text = self.token_id_text if prep.tokens_as_ids else self.token_text
-        if prep.kind == "chat":
-            return chat_logprobs(lps, token_ids, token_text)
-        return completion_logprobs(lps, token_ids, token_text)
-
-    def _full_response(self, prep: PreparedRequest, results: list[ChoiceResult]) -> dict[str, Any]:
-        choices = []
-        for r in results:
-            lps = self._logprobs_field(prep, r.logprobs, r.token_ids)
-            choice: dict[str, Any]
-            if prep.kind == "chat":
-                choice = {"index": r.index, "message": {"role": "assistant", "content": r.text},
-                          "logprobs": lps, "finish_reason": r.finish_reason}
-            else:
-                choice = {"index": r.index, "text": r.text, "logprobs": lps,
-                          "finish_reason": r.finish_reason}
-            if prep.return_token_ids:
-                choice["token_ids"] = r.token_ids
-            choices.append(choice)
-        return {
-            "id": prep.response_id,
-            "object": "chat.completion" if prep.kind == "chat" else "text_completion",
-            "created": int(time.time()),
-            "model": self.model.name,
-            "choices": choices,
-            "usage": self._usage(prep, sum(len(r.token_ids) for r in results)),
-        }
-
-    async def _stream(self, prep: PreparedRequest, life: RequestLifecycle, first: ChoiceDelta,
+    async def _stream(self, prep: PreparedRequest, renderer: Renderer, life: RequestLifecycle, first: ChoiceDelta,
                       rest: AsyncGenerator[ChoiceDelta, None]) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        kind = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
-        base = {"id": prep.response_id, "object": kind, "created": created, "model": self.model.name}
         status, error = 499, "client disconnected"  # unless the stream ends by itself
+        # A delta with no text and no finish shows the client nothing, unless it asked for every token.
+        send_every_delta = prep.want_logprobs or prep.return_token_ids
         try:
-            if prep.kind == "chat":
-                for i in range(len(prep.prompts) * prep.n):
-                    yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None}]})
+            for event in renderer.start_stream(prep.num_choices):
+                yield event
             try:
                 async for delta in _chain(first, rest):
-                    lps = self._logprobs_field(prep, delta.logprobs, delta.token_ids)
+                    lps = renderer.logprobs(delta.logprobs, delta.token_ids)
                     life.record(delta.index, delta.text, delta.token_ids, lps, delta.finish_reason)
-                    if (not delta.text and delta.finish_reason is None and not prep.want_logprobs
-                            and not prep.return_token_ids):
+                    if not delta.text and delta.finish_reason is None and not send_every_delta:
                         continue
-                    choice: dict[str, Any] = {"index": delta.index}
-                    if prep.kind == "chat":
-                        choice["delta"] = {"content": delta.text} if delta.text else {}
-                    else:
-                        choice["text"] = delta.text
-                    choice["logprobs"] = lps
-                    choice["finish_reason"] = delta.finish_reason
-                    if prep.return_token_ids:
-                        choice["token_ids"] = delta.token_ids
-                    yield _sse({**base, "choices": [choice]})
+                    yield renderer.chunk(delta.index, delta.text, delta.token_ids, lps, delta.finish_reason)
             except EngineError as e:
                 status, error = e.error.status, e.error.message
-                yield _sse({"error": {"message": e.error.message, "type": e.error.type, "param": None,
-                                      "code": e.error.status}})
-                yield _DONE
+                yield error_event(e.error)
+                yield DONE
                 return
             if prep.include_usage:
-                yield _sse({**base, "choices": [], "usage": self._usage(prep, life.completion_tokens)})
-            yield _DONE
+                yield renderer.usage_chunk(self._usage(prep, life.completion_tokens))
+            yield DONE
             status, error = 200, ""
         finally:
             await life.finish(status, error or None)
@@ -694,7 +384,7 @@ def _error_handlers() -> dict[Any, Callable[..., Any]]:
 
 
 def create_app(config: GatewayConfig, engine: EngineClient, model: ModelInfo, keys: KeyStore) -> Starlette:
-    gateway = Gateway(config, engine, model)
+    gateway = Gateway(config, engine, model, keys)
     routes = [
         Route("/health", gateway.health, methods=["GET"]),
         Route("/ready", gateway.ready, methods=["GET"]),

@@ -12,7 +12,7 @@ Only SHA-256 digests of keys are stored or loaded, from two sources:
       HSET loomserve:keys:<sha256> tenant acme name ci limits '{"requests_per_minute": 60}'
 
 ``limits`` is optional: a key that sets it has buckets of its own besides its
-tenant's (fields as in ``gateway.ratelimit.Limits``).
+tenant's (fields as in ``gateway.limits.Limits``).
 
 A client presents its key as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
 Every path needs one except the exact paths allowed at construction. With no
@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loomserve.gateway.circuit_breaker import CircuitBreaker
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
-from loomserve.gateway.ratelimit import CircuitBreaker, Limits
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +148,16 @@ class KeyStoreUnavailable(Exception):
 
 
 class RedisKeySource:
-    """Keys in Redis hashes named by digest, read on each request so revocation is immediate."""
+    """Keys in Redis hashes named by digest, read on each request so revocation is immediate.
 
-    def __init__(self, url: str, timeout_s: float = 0.25, prefix: str = REDIS_KEY_PREFIX) -> None:
+    ``redis`` is the gateway's shared client (see gateway/services.py); each lookup gets
+    ``timeout_s``, connecting included.
+    """
+
+    def __init__(self, redis: aioredis.Redis, timeout_s: float = 0.25, prefix: str = REDIS_KEY_PREFIX) -> None:
         self.prefix = prefix
         self.timeout_s = timeout_s
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                              socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        self._redis = redis
         self.breaker = CircuitBreaker("API-key Redis")
 
     async def lookup(self, digest: str) -> KeyRecord | None:
@@ -170,8 +172,8 @@ class RedisKeySource:
             raise KeyStoreUnavailable
         try:
             async with asyncio.timeout(self.timeout_s):
-                # decode_responses=True: names and values arrive as str.
-                fields = cast("dict[str, str]", await self._redis.hgetall(self.prefix + digest))
+                # The shared client does not decode: names and values arrive as bytes.
+                raw = cast("dict[bytes, bytes]", await self._redis.hgetall(self.prefix + digest))
         except (RedisError, OSError) as e:  # OSError covers TimeoutError
             self.breaker.record_failure(e)
             raise KeyStoreUnavailable from e
@@ -179,32 +181,35 @@ class RedisKeySource:
             self.breaker.record_abandoned()
             raise
         self.breaker.record_success()
-        if not fields:
+        if not raw:
             return None
         try:
+            fields = {name.decode(): value.decode() for name, value in raw.items()}
             limits = fields.get("limits")
             return KeyRecord(tenant=fields["tenant"], name=fields.get("name", ""), sha256=digest,
                              limits=Limits.from_dict(json.loads(limits)) if limits else None)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:  # ValueError covers UnicodeDecodeError
             # Refused rather than half-trusted: a record without a valid tenant has no limits to apply.
             log.error("API key %s in Redis has an invalid record (%s); refusing it", digest[:DIGEST_PREFIX_LEN], e)
             return None
 
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
 
 class KeyStore:
-    """Every configured key: the file's in memory, then Redis's."""
+    """Every configured key: the file's in memory, then, with ``redis_keys``, Redis's, through
+    the client ``connect_redis`` hands over when the gateway starts (inside its event loop)."""
 
-    def __init__(self, records: Iterable[KeyRecord] = (), redis_source: RedisKeySource | None = None) -> None:
+    def __init__(self, records: Iterable[KeyRecord] = (), redis_keys: bool = False) -> None:
         self._records = list(records)
         self._digests = [bytes.fromhex(r.sha256) for r in self._records]
-        self.redis_source = redis_source
+        self.redis_keys = redis_keys
+        self.redis_source: RedisKeySource | None = None
 
     @property
     def is_open(self) -> bool:
-        return not self._records and self.redis_source is None
+        return not self._records and not self.redis_keys
+
+    def connect_redis(self, redis: aioredis.Redis) -> None:
+        self.redis_source = RedisKeySource(redis)
 
     async def authenticate(self, key: str) -> Principal | None:
         """The principal of ``key``, None if it is unknown; KeyStoreUnavailable if Redis cannot say."""
@@ -215,7 +220,9 @@ class KeyStore:
         for record, digest in zip(self._records, self._digests, strict=True):
             if hmac.compare_digest(digest, presented):
                 match = record
-        if match is None and self.redis_source is not None:
+        if match is None and self.redis_keys:
+            if self.redis_source is None:  # not connected yet: the gateway has not started
+                raise KeyStoreUnavailable
             match = await self.redis_source.lookup(presented.hex())
         return match.principal() if match is not None else None
 

@@ -1,22 +1,25 @@
-"""Generated choices: token ids from the engine in, text and logprobs out.
+"""Generated choices: token ids from the engine in, text out.
 
-Per output token: detokenize incrementally (never half a UTF-8 character),
+Per output token: detokenize incrementally (never half a UTF-8 character) and
 run the stop-string matcher (cut exactly before a stop string, hold back text
-that might start one), and format logprobs. When a stop string is found the
-choice is aborted in the scheduler and ends with ``finish_reason`` "stop".
-One engine request carries the ``n`` choices of a prompt.
+that might start one). When a stop string is found the choice is aborted in the
+scheduler and ends with ``finish_reason`` "stop". One engine request carries
+the ``n`` choices of a prompt; a request with several prompts fans out into one
+engine request per prompt, whose deltas ``merged_choices`` interleaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from loomserve.gateway.detokenizer import IncrementalDetokenizer
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.preparation import PreparedRequest
 from loomserve.gateway.stop_strings import StopStringMatcher
 from loomserve.shared import messages as m
 
@@ -39,25 +42,6 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[m.TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    num_cached_tokens: int = 0
-
-
-class TokenText:
-    """Token id -> the text the API shows for it in logprobs (cached per id), or
-    ``token_id:N`` when the client asked for ids (tokens whose text is ambiguous)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, as_ids: bool = False) -> None:
-        self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-        self._as_ids = as_ids
-
-    def __call__(self, token_id: int) -> str:
-        if self._as_ids:
-            return f"token_id:{token_id}"
-        cached = self._cache.get(token_id)
-        if cached is None:
-            cached = self._cache[token_id] = str(self._tokenizer.decode([token_id]))
-        return cached
 
 
 class ChoiceDecoder:
@@ -126,47 +110,36 @@ async def generate_choices(
         await stream.aclose()
 
 
-# JSON has no -Infinity; a masked token's logprob is shown as this (as OpenAI does).
-_MIN_LOGPROB = -9999.0
+async def merged_choices(engine: EngineClient, tokenizer: PreTrainedTokenizerBase, prep: PreparedRequest,
+                         engine_requests: list[tuple[int, m.AddRequest]],
+                         on_tokens: Callable[[int], None]) -> AsyncGenerator[ChoiceDelta, None]:
+    """The deltas of every choice of ``engine_requests`` (``prep.engine_requests``), as they
+    come, until each choice ended; ``on_tokens`` is told the token count of each. An error
+    of any engine request ends them all; leaving early aborts what still runs."""
+    queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
 
+    async def run(first_index: int, add: m.AddRequest) -> None:
+        try:
+            async for delta in generate_choices(engine, tokenizer, add, first_index, prep.stop,
+                                                prep.skip_special_tokens, prep.continues_prompt):
+                queue.put_nowait(delta)
+        except Exception as e:
+            queue.put_nowait(e)
 
-def _finite(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
-
-
-def completion_logprobs(result_logprobs: list[m.TokenLogprobs], token_ids: list[int],
-                        token_text: TokenText, text_offset_start: int = 0) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object."""
-    tokens = [token_text(t) for t in token_ids]
-    offsets = []
-    offset = text_offset_start
-    for tok in tokens:
-        offsets.append(offset)
-        offset += len(tok)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [_finite(lp.logprob) for lp in result_logprobs],
-        "top_logprobs": [
-            {token_text(t): _finite(v) for t, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)}
-            for lp in result_logprobs
-        ],
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(result_logprobs: list[m.TokenLogprobs], token_ids: list[int],
-                  token_text: TokenText) -> dict[str, Any]:
-    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
-    content = []
-    for token_id, lp in zip(token_ids, result_logprobs, strict=True):
-        text = token_text(token_id)
-        content.append({
-            "token": text,
-            "logprob": _finite(lp.logprob),
-            "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [
-                {"token": token_text(t), "logprob": _finite(v), "bytes": list(token_text(t).encode("utf-8"))}
-                for t, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)
-            ],
-        })
-    return {"content": content}
+    tasks = [asyncio.create_task(run(i, add)) for i, add in engine_requests]
+    remaining = prep.num_choices  # choices not ended yet
+    try:
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            on_tokens(len(item.token_ids))
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

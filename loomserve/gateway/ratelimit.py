@@ -39,19 +39,17 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from loomserve.gateway.auth import Principal
+from loomserve.gateway.circuit_breaker import CircuitBreaker
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
-
-if TYPE_CHECKING:
-    from loomserve.gateway.auth import Principal
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +60,6 @@ PREPARE_TIMEOUT_S = 5.0
 
 Dimension = Literal["requests", "tokens"]
 FailMode = Literal["open", "closed"]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-minute limits; None means unlimited. A burst left out equals its per-minute limit."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    request_burst: int | None = None
-    token_burst: int | None = None
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{f.name} must be a positive integer, not {value!r}")
-        if self.request_burst is not None and self.requests_per_minute is None:
-            raise ValueError("request_burst needs requests_per_minute")
-        if self.token_burst is not None and self.tokens_per_minute is None:
-            raise ValueError("token_burst needs tokens_per_minute")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Limits:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown limit fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -229,65 +199,6 @@ class StoreUnavailable(Exception):
         self.retry_after_s = retry_after_s
 
 
-class CircuitBreaker:
-    """Stops calls to a failing dependency for a back-off, then lets one probe through.
-
-    closed --failure--> open (back-off) --elapsed--> one probe --success--> closed
-                                                         \\--failure--> open (back-off doubled, capped)
-
-    Failures of calls that were already in flight when it opened change nothing, so
-    an outage logs one warning per back-off however many requests were waiting.
-    """
-
-    def __init__(self, name: str, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.name = name
-        self.base_backoff_s = base_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.clock = clock
-        self._backoff_s = base_backoff_s
-        self._open_until: float | None = None
-        self._probing = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._open_until is not None
-
-    def allow(self) -> bool:
-        if self._open_until is None:
-            return True
-        if self._probing or self.clock() < self._open_until:
-            return False
-        self._probing = True
-        return True
-
-    def retry_after_s(self) -> float:
-        if self._open_until is None:
-            return 0.0
-        return max(self._open_until - self.clock(), self.base_backoff_s)
-
-    def record_success(self) -> None:
-        if self._open_until is not None:
-            log.info("%s: reachable again", self.name)
-        self._open_until = None
-        self._probing = False
-        self._backoff_s = self.base_backoff_s
-
-    def record_failure(self, error: BaseException) -> None:
-        if self._open_until is not None and not self._probing:
-            return
-        if self._probing:
-            self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
-        self._probing = False
-        self._open_until = self.clock() + self._backoff_s
-        log.warning("%s: unavailable (%s: %s); not trying again for %.1fs", self.name,
-                    type(error).__name__, error, self._backoff_s)
-
-    def record_abandoned(self) -> None:
-        """A call was cancelled before it could tell: let the next caller probe instead."""
-        self._probing = False
-
-
 @dataclass
 class LimiterStats:
     """Counters for metrics: what the limiter decided without its store."""
@@ -303,7 +214,6 @@ class LimiterStats:
 class Admission:
     """A granted reservation; pass it to ``settle`` exactly when the request ends."""
 
-    tenant: str
     reserved_tokens: int
     headers: dict[str, str]  # x-ratelimit-* for the response
     checked: bool = True  # False when admitted without a check (store unavailable, fail open)
@@ -314,11 +224,9 @@ class Admission:
 class RateLimiter(ABC):
     """Admission and settlement over GCRA buckets; subclasses keep the buckets somewhere."""
 
-    def __init__(self, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
-                 requests_on_failure: FailMode = "open", tokens_on_failure: FailMode = "open",
-                 key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    def __init__(self, default_limits: Limits, *, requests_on_failure: FailMode = "open",
+                 tokens_on_failure: FailMode = "open", key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
         self.default_limits = default_limits
-        self.tenant_limits = dict(tenant_limits or {})
         self.on_failure: dict[Dimension, FailMode] = {"requests": requests_on_failure,
                                                       "tokens": tokens_on_failure}
         self.key_prefix = key_prefix
@@ -329,8 +237,7 @@ class RateLimiter(ABC):
         """The tenant's buckets, then the key's own when the key sets limits."""
         # The tenant in braces is a Redis Cluster hash tag: one script's keys share a slot.
         base = f"{self.key_prefix}{{{principal.tenant}}}:"
-        out = self._limit_buckets(self.tenant_limits.get(principal.tenant, self.default_limits),
-                                  f"{base}tenant:", f"tenant {principal.tenant!r}")
+        out = self._limit_buckets(self.default_limits, f"{base}tenant:", f"tenant {principal.tenant!r}")
         if principal.limits is not None:
             out += self._limit_buckets(principal.limits, f"{base}key:{principal.key_digest_prefix}:",
                                        f"key {principal.key_name!r} of tenant {principal.tenant!r}")
@@ -358,7 +265,7 @@ class RateLimiter(ABC):
             raise ValueError(f"tokens must not be negative, got {tokens}")
         buckets = self.buckets(principal)
         if not buckets:
-            return Admission(principal.tenant, 0, {})
+            return Admission(0, {})
         quantities = [1 if b.dimension == "requests" else tokens for b in buckets]
         for b in buckets:
             if b.dimension == "tokens" and tokens > b.burst:
@@ -376,7 +283,7 @@ class RateLimiter(ABC):
             bucket, quantity, state = max(denied, key=lambda d: d[2].retry_after_s)
             raise RateLimitExceeded(bucket, quantity, state.retry_after_s, headers)
         token_buckets = tuple(b for b in buckets if b.dimension == "tokens")
-        return Admission(principal.tenant, tokens if token_buckets else 0, headers, token_buckets=token_buckets)
+        return Admission(tokens if token_buckets else 0, headers, token_buckets=token_buckets)
 
     def _without_store(self, principal: Principal, buckets: Sequence[Bucket], error: StoreUnavailable) -> Admission:
         closed = sorted({b.dimension for b in buckets if self.on_failure[b.dimension] == "closed"})
@@ -386,7 +293,7 @@ class RateLimiter(ABC):
                            type="rate_limit_unavailable", code="rate_limiter_unavailable",
                            headers={"retry-after": str(max(1, math.ceil(error.retry_after_s)))})
         self.stats.admitted_unchecked += 1
-        return Admission(principal.tenant, 0, {}, checked=False)
+        return Admission(0, {}, checked=False)
 
     async def settle(self, admission: Admission, used_tokens: int) -> None:
         """Give back the reserved tokens the request did not use. Call once when it ends, abort
@@ -434,9 +341,9 @@ def _headers(buckets: Sequence[Bucket], states: Sequence[BucketState]) -> dict[s
 class LocalRateLimiter(RateLimiter):
     """Buckets in this process: right for one gateway replica only."""
 
-    def __init__(self, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
-                 key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(default_limits, tenant_limits, key_prefix=key_prefix)
+    def __init__(self, default_limits: Limits, *, key_prefix: str = DEFAULT_KEY_PREFIX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(default_limits, key_prefix=key_prefix)
         self.clock = clock
         # One float per tenant and key with limits; both sets are bounded by the configured keys.
         self._tats: dict[str, float] = {}
@@ -466,21 +373,21 @@ class LocalRateLimiter(RateLimiter):
 class RedisRateLimiter(RateLimiter):
     """Buckets in Redis, shared by every replica, with the clock of the Redis server."""
 
-    def __init__(self, url: str, default_limits: Limits, tenant_limits: Mapping[str, Limits] | None = None, *,
+    def __init__(self, redis: aioredis.Redis, default_limits: Limits, *,
                  requests_on_failure: FailMode = "open", tokens_on_failure: FailMode = "open",
                  timeout_s: float = 0.05, base_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
                  key_prefix: str = DEFAULT_KEY_PREFIX, clock: Callable[[], float] | None = None) -> None:
-        """``clock`` (seconds) replaces Redis TIME, for tests only: replicas would disagree."""
+        """``redis`` is the gateway's shared client (see gateway/services.py); each call gets
+        ``timeout_s``, connecting included. ``clock`` (seconds) replaces Redis TIME, for tests
+        only: replicas would disagree."""
         if not timeout_s > 0:
             raise ValueError(f"the rate-limit Redis timeout must be positive, got {timeout_s * 1000:g} ms")
-        super().__init__(default_limits, tenant_limits, requests_on_failure=requests_on_failure,
+        super().__init__(default_limits, requests_on_failure=requests_on_failure,
                          tokens_on_failure=tokens_on_failure, key_prefix=key_prefix)
         self.timeout_s = timeout_s
         self.clock = clock
-        # No retries inside the client: the breaker decides when to try again.
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 0))
-        self._script = self._redis.register_script(GCRA_LUA)
+        self._redis = redis
+        self._script = redis.register_script(GCRA_LUA)
         self.breaker = CircuitBreaker(
             f"rate-limit Redis (requests fail {requests_on_failure}, tokens fail {tokens_on_failure})",
             base_backoff_s, max_backoff_s)
@@ -531,8 +438,4 @@ class RedisRateLimiter(RateLimiter):
         except StoreUnavailable:
             # The tenant stays charged for tokens it did not use until its TAT passes: safe side.
             self.stats.refunds_lost += 1
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        await self._redis.aclose()
 

@@ -17,32 +17,30 @@ body get different keys and never see each other's entries.
 An entry (``CachedResponse``) keeps each choice as the pieces the client saw,
 with their token ids and API-shaped logprobs, plus the usage; that is enough
 to answer again as one JSON body or as an SSE stream, whichever the new request
-asks for (``stream`` is not part of the key).
+asks for (``stream`` is not part of the key; gateway/rendering.py replays).
 
 Redis is an optimisation, never a dependency: a failed read is a miss, a failed
 write is logged (at most once per interval) and counted, and after a failure
 Redis is left alone for ``retry_after_s`` so that an outage does not add a
-timeout to every request. Without a Redis URL, entries live in a per-process
-LRU bounded by entry count and bytes (valid for a single gateway replica).
+timeout to every request. Without Redis, entries live in a per-process LRU
+bounded by entry count and bytes (valid for a single gateway replica).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
@@ -236,98 +234,6 @@ def decode_entry(data: bytes) -> CachedResponse:
     return _decoder.decode(data)
 
 
-# -- replay -------------------------------------------------------------------
-
-
-def _sse(payload: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
-def _merged_logprobs(kind: Kind, pieces: list[CachedPiece]) -> dict[str, Any] | None:
-    """One logprobs object for a whole choice, from the objects of its pieces."""
-    parts = [p.logprobs for p in pieces if p.logprobs is not None]
-    if not parts:
-        return None
-    if kind == "chat":
-        return {"content": [entry for part in parts for entry in part.get("content") or []]}
-    tokens = [t for part in parts for t in part.get("tokens", [])]
-    # Offsets count characters from the start of the choice's text, so they are recomputed
-    # over the whole choice rather than carried over from pieces that each started at 0.
-    offsets = []
-    offset = 0
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [v for part in parts for v in part.get("token_logprobs", [])],
-        "top_logprobs": [v for part in parts for v in part.get("top_logprobs", [])],
-        "text_offset": offsets,
-    }
-
-
-def replay_json(cached: CachedResponse, *, response_id: str, model: str, created: int | None = None,
-                return_token_ids: bool = False) -> dict[str, Any]:
-    """The non-streamed OpenAI body for a cached answer."""
-    choices = []
-    for index, c in enumerate(cached.choices):
-        lps = _merged_logprobs(cached.kind, c.pieces)
-        choice: dict[str, Any]
-        if cached.kind == "chat":
-            choice = {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": lps,
-                      "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": index, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
-        if return_token_ids:
-            choice["token_ids"] = c.token_ids
-        choices.append(choice)
-    return {
-        "id": response_id,
-        "object": "chat.completion" if cached.kind == "chat" else "text_completion",
-        "created": int(time.time()) if created is None else created,
-        "model": model,
-        "choices": choices,
-        "usage": cached.usage(),
-    }
-
-
-def replay_sse(cached: CachedResponse, *, response_id: str, model: str, created: int | None = None,
-               include_usage: bool = False, return_token_ids: bool = False) -> Iterator[bytes]:
-    """The SSE events (``data: ...``, ending with ``data: [DONE]``) for a cached answer, one
-    chunk per stored piece, choice after choice; a usage chunk last when ``include_usage``."""
-    kind = "chat.completion.chunk" if cached.kind == "chat" else "text_completion"
-    base = {"id": response_id, "object": kind, "created": int(time.time()) if created is None else created,
-            "model": model}
-    if cached.kind == "chat":
-        for index in range(len(cached.choices)):
-            yield _sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-    for index, c in enumerate(cached.choices):
-        # A choice always ends with a chunk carrying its finish reason, even one that stored no piece.
-        pieces = c.pieces or [CachedPiece("")]
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            # As the live stream does: a piece that would show the client nothing is not sent.
-            if not last and not piece.text and piece.logprobs is None and not return_token_ids:
-                continue
-            chunk: dict[str, Any] = {"index": index}
-            if cached.kind == "chat":
-                chunk["delta"] = {"content": piece.text} if piece.text else {}
-            else:
-                chunk["text"] = piece.text
-            chunk["logprobs"] = piece.logprobs
-            chunk["finish_reason"] = c.finish_reason if last else None
-            if return_token_ids:
-                chunk["token_ids"] = piece.token_ids
-            yield _sse({**base, "choices": [chunk]})
-    if include_usage:
-        yield _sse({**base, "choices": [], "usage": cached.usage()})
-    yield _DONE
-
-
 # -- storage ------------------------------------------------------------------
 
 
@@ -407,28 +313,19 @@ class LRUStore:
         return True
 
 
-def _describe_redis_url(url: str) -> str:
-    """The URL without credentials (user info or query options), for logs."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 class ResponseCache:
     """Stores and fetches ``CachedResponse`` entries by ``cache_key``.
 
-    ``redis_url`` None keeps entries in process. ``ttl_s`` is the default lifetime of an
-    entry; entries whose encoding exceeds ``max_entry_bytes`` are not stored.
-    ``on_error`` is called with "get" or "put" after each Redis failure (for a metric).
-    With Redis, use one instance from one event loop (redis.asyncio binds its connections
-    to the loop that opened them) and ``close`` it at shutdown.
+    ``redis`` is the gateway's shared client (see gateway/services.py), or None to keep
+    entries in process; each Redis call gets ``redis_timeout_s``, connecting included.
+    ``ttl_s`` is the default lifetime of an entry; entries whose encoding exceeds
+    ``max_entry_bytes`` are not stored. ``on_error`` is called with "get" or "put" after
+    each Redis failure (for a metric).
     """
 
     def __init__(
         self,
-        redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
         *,
         ttl_s: float = 3600.0,
         max_entry_bytes: int = 1 << 20,
@@ -448,26 +345,20 @@ class ResponseCache:
         self.max_entry_bytes = max_entry_bytes
         self.key_prefix = key_prefix
         self.stats = CacheStats()
+        self._redis_timeout_s = redis_timeout_s
         self._retry_after_s = retry_after_s
         self._on_error = on_error
         self._clock = clock
         self._errors_log = _LogLimiter(10.0, clock)
         self._redis_down_until = 0.0
         self._memory: LRUStore | None = None
-        self._redis: aioredis.Redis | None = None
-        if redis_url is None:
+        self._redis = redis
+        if redis is None:
             self._memory = LRUStore(max_entries, max_bytes, clock)
             log.info("response cache in process (at most %d entries, %d MiB; valid for one gateway replica)",
                      max_entries, max_bytes >> 20)
         else:
-            # No retries: a cache lookup that fails is a miss, and retrying would only
-            # add latency to the request waiting behind it.
-            self._redis = aioredis.Redis.from_url(
-                redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
-                retry=Retry(NoBackoff(), 0),
-            )
-            log.info("response cache in Redis at %s (shared by every gateway replica)",
-                     _describe_redis_url(redis_url))
+            log.info("response cache in Redis (shared by every gateway replica)")
 
     @property
     def backend(self) -> str:
@@ -494,8 +385,9 @@ class ResponseCache:
             data = self._memory.get(key)
         elif self._redis is not None and self._redis_usable():
             try:
-                # decode_responses is off, so values come back as bytes.
-                data = cast(bytes | None, await self._redis.get(self.key_prefix + key))
+                async with asyncio.timeout(self._redis_timeout_s):
+                    # The shared client does not decode: values come back as bytes.
+                    data = cast(bytes | None, await self._redis.get(self.key_prefix + key))
             # Any failure of the cache, whatever its type, must leave the request to the engine.
             except Exception as e:
                 self._redis_failed("get", e)
@@ -531,8 +423,9 @@ class ResponseCache:
             stored = self._memory.put(key, data, ttl)
         elif self._redis is not None and self._redis_usable():
             try:
-                # Milliseconds, so a sub-second TTL is not rounded to nothing or to a whole second.
-                stored = bool(await self._redis.set(self.key_prefix + key, data, px=max(1, round(ttl * 1000))))
+                async with asyncio.timeout(self._redis_timeout_s):
+                    # Milliseconds, so a sub-second TTL is not rounded to nothing or to a whole second.
+                    stored = bool(await self._redis.set(self.key_prefix + key, data, px=max(1, round(ttl * 1000))))
             except Exception as e:  # as in get: the cache never fails the request
                 self._redis_failed("put", e)
                 stored = False
@@ -541,7 +434,3 @@ class ResponseCache:
         if stored:
             self.stats.stores += 1
         return stored
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import uvicorn
 
-from loomserve.gateway.app import ModelInfo, create_app
-from loomserve.gateway.auth import KeyStore, RedisKeySource, load_keys_file
+from loomserve.gateway.app import create_app
+from loomserve.gateway.auth import KeyStore, load_keys_file
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.model_info import ModelInfo
 from loomserve.gateway.sampling_defaults import GenerationConfigError, load_sampling_defaults
 from loomserve.gateway.synthetic_tokenizer import synthetic_tokenizer_for
 from loomserve.gateway.tokenizer import eos_token_ids, load_tokenizer
@@ -46,10 +47,9 @@ def model_revision(model_path: Path) -> str:
 
 def key_store(config: GatewayConfig) -> KeyStore:
     records = load_keys_file(config.keys_file) if config.keys_file else []
-    redis_source = RedisKeySource(config.redis_url) if config.redis_keys and config.redis_url else None
     if config.redis_keys and not config.redis_url:
         raise ValueError("--redis-keys needs --redis-url")
-    return KeyStore(records, redis_source)
+    return KeyStore(records, redis_keys=config.redis_keys)
 
 
 def uses_synthetic_tokenizer(config: GatewayConfig) -> bool:

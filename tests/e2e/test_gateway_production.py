@@ -18,9 +18,10 @@ import httpx
 import openai
 import pytest
 
-from loomserve.gateway.app import ModelInfo, create_app
+from loomserve.gateway.app import create_app
 from loomserve.gateway.auth import KeyStore, generate_key
 from loomserve.gateway.engine_client import EngineClient
+from loomserve.gateway.model_info import ModelInfo
 from loomserve.gateway.sampling_defaults import load_sampling_defaults
 from loomserve.gateway.tokenizer import load_tokenizer
 from loomserve.shared.config import GatewayConfig

@@ -32,7 +32,8 @@ from loomserve.gateway.auth import (
     hash_key,
     load_keys_file,
 )
-from loomserve.gateway.ratelimit import Limits
+from loomserve.gateway.limits import Limits
+from tests.gateway.redis_clients import redis_client
 from tests.redis_server import RedisServer
 
 PUBLIC = {"/health", "/ready", "/metrics"}
@@ -321,10 +322,12 @@ def test_redis_key_source(key_redis: RedisServer) -> None:
     client.hset(f"loomserve:keys:{broken_digest}", mapping={"name": "no tenant"})
 
     async def run() -> None:
-        # One event loop for the whole test: the source's connection pool belongs to it.
-        source = RedisKeySource(key_redis.url)
-        app = build_app(KeyStore(RECORDS, redis_source=source))
-        try:
+        # One event loop for the whole test: the client's connection pool belongs to it.
+        async with redis_client(key_redis.url) as shared:
+            keys = KeyStore(RECORDS, redis_keys=True)
+            keys.connect_redis(shared)
+            app = build_app(keys)
+            source = RedisKeySource(shared)
             body = (await acall(app, "GET", "/v1/models", {"authorization": f"Bearer {key}"})).json()
             assert body["tenant"] == "initech" and body["key_name"] == "dashboard"
             principal = await source.lookup(digest)
@@ -346,8 +349,6 @@ def test_redis_key_source(key_redis: RedisServer) -> None:
             # Keys in the file do not need Redis, nor do public paths.
             assert (await acall(app, "GET", "/v1/models", {"x-api-key": ACME_KEY})).status_code == 200
             assert (await acall(app, "GET", "/health")).status_code == 200
-        finally:
-            await source.aclose()
 
     try:
         asyncio.run(run())
@@ -355,8 +356,28 @@ def test_redis_key_source(key_redis: RedisServer) -> None:
         client.close()
 
 
-def test_redis_source_alone_is_not_open_mode(caplog: pytest.LogCaptureFixture, key_redis: RedisServer) -> None:
+def test_redis_source_alone_is_not_open_mode(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="loomserve.gateway.auth")
-    app = build_app(KeyStore(redis_source=RedisKeySource(key_redis.url)))
+    app = build_app(KeyStore(redis_keys=True))
     assert_refused(call(app, "GET", "/v1/models"), "missing_api_key")
     assert not [r for r in caplog.records if r.name == "loomserve.gateway.auth"]
+
+
+def test_redis_keys_before_the_client_is_connected_are_unavailable() -> None:
+    """The gateway connects its key store at start-up; a lookup before that cannot say."""
+    down = call(build_app(KeyStore(RECORDS, redis_keys=True)), "GET", "/v1/models", {"x-api-key": "lsk-nobody"})
+    assert down.status_code == 503 and down.json()["error"]["code"] == "auth_unavailable"
+
+
+def test_a_record_that_is_not_utf8_is_refused(key_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    _, digest = generate_key()
+    client = redis.Redis.from_url(key_redis.url)
+    client.hset(f"loomserve:keys:{digest}", mapping={"tenant": b"\xff\xfe", "name": "garbled"})
+    client.close()
+
+    async def run() -> None:
+        async with redis_client(key_redis.url) as shared:
+            assert await RedisKeySource(shared).lookup(digest) is None
+
+    asyncio.run(run())
+    assert any("has an invalid record" in r.getMessage() for r in caplog.records)

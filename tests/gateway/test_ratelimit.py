@@ -13,21 +13,20 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from loomserve.gateway.app import build_limiter
 from loomserve.gateway.auth import Principal
+from loomserve.gateway.limits import Limits
 from loomserve.gateway.protocol import APIError
 from loomserve.gateway.ratelimit import (
     GCRA_LUA,
     Admission,
-    CircuitBreaker,
     FailMode,
-    Limits,
     LocalRateLimiter,
     RateLimiter,
     RateLimitExceeded,
@@ -36,7 +35,9 @@ from loomserve.gateway.ratelimit import (
     gcra_refund,
     gcra_take,
 )
+from loomserve.gateway.services import build_limiter
 from loomserve.shared.config import GatewayConfig
+from tests.gateway.redis_clients import redis_client
 from tests.redis_server import RedisServer
 
 BASE_S = 1_700_000_000.0  # a fixed "now" for clock-driven tests; exact in microseconds as a double
@@ -160,10 +161,35 @@ def test_lua_script_is_all_or_nothing(redis_server: RedisServer) -> None:
 
 # -- the same behaviour through both limiters, clock-driven ----------------------
 
-def make_limiter(kind: str, url: str, limits: Limits, clock: Callable[[], float]) -> RateLimiter:
+@contextlib.asynccontextmanager
+async def redis_limiter(url: str, limits: Limits, **options: Any) -> AsyncIterator[RedisRateLimiter]:
+    """A Redis limiter on a client of its own, as one gateway replica has; closed on exit."""
+    async with redis_client(url) as shared:
+        limiter = RedisRateLimiter(shared, limits, **options)
+        try:
+            yield limiter
+        finally:
+            await limiter.aclose()
+
+
+@contextlib.asynccontextmanager
+async def replicas(url: str, limits: Limits, **options: Any) -> AsyncIterator[list[RedisRateLimiter]]:
+    """4 Redis limiters on clients of their own, like 4 gateway replicas."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(redis_limiter(url, limits, **options)) for _ in range(4)]
+
+
+@contextlib.asynccontextmanager
+async def limiter_of(kind: str, url: str, limits: Limits, clock: Callable[[], float]) -> AsyncIterator[RateLimiter]:
     if kind == "local":
-        return LocalRateLimiter(limits, clock=clock)
-    return RedisRateLimiter(url, limits, key_prefix=unique_prefix(), clock=clock, timeout_s=1.0)
+        local = LocalRateLimiter(limits, clock=clock)
+        try:
+            yield local
+        finally:
+            await local.aclose()
+        return
+    async with redis_limiter(url, limits, key_prefix=unique_prefix(), clock=clock, timeout_s=1.0) as limiter:
+        yield limiter
 
 
 async def outcome(limiter: RateLimiter, who: Principal, tokens: int) -> tuple[bool, float]:
@@ -179,9 +205,8 @@ def test_limiter_table(kind: str, redis_server: RedisServer) -> None:
     """GCRA_TABLE as token charges, plus the request that can never fit."""
     async def run() -> None:
         clock = FakeClock()
-        limiter = make_limiter(kind, redis_server.url, Limits(tokens_per_minute=GCRA_LIMIT, token_burst=GCRA_BURST),
-                               clock)
-        try:
+        async with limiter_of(kind, redis_server.url, Limits(tokens_per_minute=GCRA_LIMIT, token_burst=GCRA_BURST),
+                              clock) as limiter:
             for (offset, quantity), (allowed, retry, _, _) in GCRA_TABLE[:-1]:
                 clock.offset = offset
                 got_allowed, got_retry = await outcome(limiter, principal(), quantity)
@@ -193,8 +218,6 @@ def test_limiter_table(kind: str, redis_server: RedisServer) -> None:
             assert refused.value.status == 400
             assert "4 tokens" in refused.value.message and "burst of 3 tokens" in refused.value.message
             assert "retry-after" not in refused.value.headers
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
@@ -205,8 +228,7 @@ def test_denial_is_a_complete_429(kind: str, redis_server: RedisServer) -> None:
         clock = FakeClock()
         # Intervals of 1 s and 1/128 s: exact in binary, so the expected counts are exact.
         limits = Limits(requests_per_minute=60, request_burst=2, tokens_per_minute=7680, token_burst=1280)
-        limiter = make_limiter(kind, redis_server.url, limits, clock)
-        try:
+        async with limiter_of(kind, redis_server.url, limits, clock) as limiter:
             first = await limiter.admit(principal(), 128)
             assert first.headers == {
                 "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "1",
@@ -229,8 +251,6 @@ def test_denial_is_a_complete_429(kind: str, redis_server: RedisServer) -> None:
             assert e.headers["x-ratelimit-remaining-tokens"] == "1056"
             assert e.headers["x-ratelimit-reset-tokens"] == "1.75s"
             assert "tenant 'acme'" in e.message and "limit 60, burst 2" in e.message
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
@@ -239,10 +259,10 @@ def test_denial_is_a_complete_429(kind: str, redis_server: RedisServer) -> None:
 def test_key_limits_apply_on_top_of_the_tenant(kind: str, redis_server: RedisServer) -> None:
     async def run() -> None:
         clock = FakeClock()
-        limiter = make_limiter(kind, redis_server.url, Limits(requests_per_minute=60, request_burst=10), clock)
-        strict_key = Principal("acme", "strict", "aaaaaaaaaaaa", Limits(requests_per_minute=60, request_burst=2))
-        other_key = Principal("acme", "other", "bbbbbbbbbbbb", None)
-        try:
+        limits = Limits(requests_per_minute=60, request_burst=10)
+        async with limiter_of(kind, redis_server.url, limits, clock) as limiter:
+            strict_key = Principal("acme", "strict", "aaaaaaaaaaaa", Limits(requests_per_minute=60, request_burst=2))
+            other_key = Principal("acme", "other", "bbbbbbbbbbbb", None)
             assert [(await outcome(limiter, strict_key, 0))[0] for _ in range(3)] == [True, True, False]
             with pytest.raises(RateLimitExceeded) as denied:
                 await limiter.admit(strict_key, 0)
@@ -250,19 +270,16 @@ def test_key_limits_apply_on_top_of_the_tenant(kind: str, redis_server: RedisSer
             # The key's refusal charged nothing: the tenant has 8 of its 10 left.
             assert [(await outcome(limiter, other_key, 0))[0] for _ in range(9)] == [True] * 8 + [False]
             assert (await outcome(limiter, principal("globex"), 0))[0]  # tenants are separate
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
 
 def test_unlimited_principal_needs_no_store() -> None:
     async def run() -> None:
-        limiter = RedisRateLimiter("redis://127.0.0.1:1/0", Limits(), key_prefix=unique_prefix())
-        admission = await limiter.admit(principal(), 10**9)
-        assert admission.checked and admission.headers == {} and admission.reserved_tokens == 0
-        assert limiter.stats.store_calls == 0
-        await limiter.aclose()
+        async with redis_limiter("redis://127.0.0.1:1/0", Limits(), key_prefix=unique_prefix()) as limiter:
+            admission = await limiter.admit(principal(), 10**9)
+            assert admission.checked and admission.headers == {} and admission.reserved_tokens == 0
+            assert limiter.stats.store_calls == 0
 
     asyncio.run(run())
 
@@ -275,30 +292,27 @@ def test_format_duration() -> None:
 # -- replicas sharing one Redis ---------------------------------------------------
 
 def test_replicas_share_one_limit(redis_server: RedisServer) -> None:
-    """4 limiters (separate pools, like 4 gateway replicas) x 4 tasks hammer one tenant."""
+    """4 limiters (separate clients, like 4 gateway replicas) x 4 tasks hammer one tenant."""
     limit, burst, duration_s = 600, 20, 2.0  # one request per 0.1 s after the burst
     prefix = unique_prefix()
 
     async def run() -> tuple[list[float], float, list[RedisRateLimiter]]:
-        limiters = [RedisRateLimiter(redis_server.url, Limits(requests_per_minute=limit, request_burst=burst),
-                                     key_prefix=prefix, timeout_s=1.0) for _ in range(4)]
-        admitted: list[float] = []
-        start = time.monotonic()
+        async with replicas(redis_server.url, Limits(requests_per_minute=limit, request_burst=burst),
+                            key_prefix=prefix, timeout_s=1.0) as limiters:
+            admitted: list[float] = []
+            start = time.monotonic()
 
-        async def hammer(limiter: RedisRateLimiter) -> None:
-            while time.monotonic() - start < duration_s:
-                try:
-                    await limiter.admit(principal(), 1)
-                    admitted.append(time.monotonic())
-                except RateLimitExceeded:
-                    pass
-                await asyncio.sleep(0.005)
+            async def hammer(limiter: RedisRateLimiter) -> None:
+                while time.monotonic() - start < duration_s:
+                    try:
+                        await limiter.admit(principal(), 1)
+                        admitted.append(time.monotonic())
+                    except RateLimitExceeded:
+                        pass
+                    await asyncio.sleep(0.005)
 
-        await asyncio.gather(*(hammer(lim) for lim in limiters for _ in range(4)))
-        elapsed = time.monotonic() - start
-        for lim in limiters:
-            await lim.aclose()
-        return admitted, elapsed, limiters
+            await asyncio.gather(*(hammer(lim) for lim in limiters for _ in range(4)))
+            return admitted, time.monotonic() - start, limiters
 
     admitted, elapsed, limiters = asyncio.run(run())
     assert all(lim.stats.store_failures == 0 and lim.stats.admitted_unchecked == 0 for lim in limiters)
@@ -310,10 +324,8 @@ def test_replicas_share_one_limit(redis_server: RedisServer) -> None:
 
 def test_retry_after_is_accurate(redis_server: RedisServer) -> None:
     async def run() -> None:
-        prefix = unique_prefix()
-        limiters = [RedisRateLimiter(redis_server.url, Limits(requests_per_minute=60, request_burst=2),
-                                     key_prefix=prefix, timeout_s=1.0) for _ in range(4)]
-        try:
+        async with replicas(redis_server.url, Limits(requests_per_minute=60, request_burst=2),
+                            key_prefix=unique_prefix(), timeout_s=1.0) as limiters:
             await limiters[0].admit(principal(), 1)
             await limiters[1].admit(principal(), 1)
             with pytest.raises(RateLimitExceeded) as denied:
@@ -327,9 +339,6 @@ def test_retry_after_is_accurate(redis_server: RedisServer) -> None:
             await asyncio.sleep(again.value.retry_after_s + 0.02)
             admission = await limiters[3].admit(principal(), 1)
             assert admission.headers["x-ratelimit-remaining-requests"] == "0"
-        finally:
-            for lim in limiters:
-                await lim.aclose()
 
     asyncio.run(run())
 
@@ -341,8 +350,8 @@ def test_settle_refunds_the_unused_tokens_once(kind: str, redis_server: RedisSer
     async def run() -> None:
         clock = FakeClock()
         # 1/16 s a token, exact in binary: the boundary cases below land exactly on the burst.
-        limiter = make_limiter(kind, redis_server.url, Limits(tokens_per_minute=960, token_burst=100), clock)
-        try:
+        limits = Limits(tokens_per_minute=960, token_burst=100)
+        async with limiter_of(kind, redis_server.url, limits, clock) as limiter:
             first = await limiter.admit(principal(), 80)
             assert first.reserved_tokens == 80
             assert not (await outcome(limiter, principal(), 80))[0]  # 20 left
@@ -353,8 +362,6 @@ def test_settle_refunds_the_unused_tokens_once(kind: str, redis_server: RedisSer
             assert not (await outcome(limiter, principal(), 20))[0]
             await limiter.settle(second, 60)  # used all it reserved: nothing to give back
             assert (await outcome(limiter, principal(), 10))[0]
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
@@ -364,20 +371,20 @@ def test_settle_on_abort(kind: str, redis_server: RedisServer) -> None:
     """A request cancelled mid-generation (client gone) settles in its finally, and the refund lands."""
     async def run() -> None:
         clock = FakeClock()
-        limiter = make_limiter(kind, redis_server.url, Limits(tokens_per_minute=960, token_burst=100), clock)
-        started = asyncio.Event()
+        limits = Limits(tokens_per_minute=960, token_burst=100)
+        async with limiter_of(kind, redis_server.url, limits, clock) as limiter:
+            started = asyncio.Event()
 
-        async def request() -> None:
-            admission = await limiter.admit(principal(), 100)
-            used = 0
-            try:
-                started.set()
-                await asyncio.sleep(60)  # generating
-                used = 100
-            finally:
-                await limiter.settle(admission, used)
+            async def request() -> None:
+                admission = await limiter.admit(principal(), 100)
+                used = 0
+                try:
+                    started.set()
+                    await asyncio.sleep(60)  # generating
+                    used = 100
+                finally:
+                    await limiter.settle(admission, used)
 
-        try:
             task = asyncio.create_task(request())
             await started.wait()
             assert not (await outcome(limiter, principal(), 1))[0]
@@ -385,8 +392,6 @@ def test_settle_on_abort(kind: str, redis_server: RedisServer) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert (await outcome(limiter, principal(), 100))[0]
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
@@ -395,19 +400,18 @@ def test_settle_on_abort(kind: str, redis_server: RedisServer) -> None:
 
 def breaker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "loomserve.gateway.ratelimit" and r.levelno == logging.WARNING
+            if r.name == "loomserve.gateway.circuit_breaker" and r.levelno == logging.WARNING
             and "unavailable" in r.getMessage()]
 
 
 def test_fail_open_when_redis_is_down(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="loomserve.gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="loomserve.gateway.circuit_breaker")
     backoff = 0.3
 
     async def run() -> None:
-        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60, tokens_per_minute=6000),
-                                   key_prefix=unique_prefix(), base_backoff_s=backoff, max_backoff_s=backoff,
-                                   timeout_s=0.5)
-        try:
+        async with redis_limiter(own_redis.url, Limits(requests_per_minute=60, tokens_per_minute=6000),
+                                 key_prefix=unique_prefix(), base_backoff_s=backoff, max_backoff_s=backoff,
+                                 timeout_s=0.5) as limiter:
             reserved = await limiter.admit(principal(), 100)
             assert reserved.checked and reserved.reserved_tokens == 100
             own_redis.stop()
@@ -434,18 +438,15 @@ def test_fail_open_when_redis_is_down(own_redis: RedisServer, caplog: pytest.Log
             own_redis.start()  # empty, and without the script: EVALSHA must reload it
             await asyncio.sleep(backoff + 0.05)
             assert (await limiter.admit(principal(), 100)).checked
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
 
 def test_fail_closed_per_limit(own_redis: RedisServer) -> None:
     async def run() -> None:
-        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60, tokens_per_minute=6000),
-                                   key_prefix=unique_prefix(), requests_on_failure="closed",
-                                   tokens_on_failure="open", base_backoff_s=0.3, timeout_s=0.5)
-        try:
+        async with redis_limiter(own_redis.url, Limits(requests_per_minute=60, tokens_per_minute=6000),
+                                 key_prefix=unique_prefix(), requests_on_failure="closed",
+                                 tokens_on_failure="open", base_backoff_s=0.3, timeout_s=0.5) as limiter:
             await limiter.admit(principal(), 10)
             own_redis.stop()
             for _ in range(20):
@@ -458,12 +459,9 @@ def test_fail_closed_per_limit(own_redis: RedisServer) -> None:
             assert limiter.stats.rejected_unavailable == 20
             assert limiter.stats.store_calls <= 2
             # A key whose tenant has only a tokens limit (which fails open) is admitted unchecked.
-            tokens_only = RedisRateLimiter(own_redis.url, Limits(tokens_per_minute=6000), key_prefix=unique_prefix(),
-                                           requests_on_failure="closed", tokens_on_failure="open")
-            assert not (await tokens_only.admit(principal(), 10)).checked
-            await tokens_only.aclose()
-        finally:
-            await limiter.aclose()
+            async with redis_limiter(own_redis.url, Limits(tokens_per_minute=6000), key_prefix=unique_prefix(),
+                                     requests_on_failure="closed", tokens_on_failure="open") as tokens_only:
+                assert not (await tokens_only.admit(principal(), 10)).checked
 
     asyncio.run(run())
 
@@ -471,9 +469,8 @@ def test_fail_closed_per_limit(own_redis: RedisServer) -> None:
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_slow_redis_times_out(mode: FailMode, own_redis: RedisServer) -> None:
     async def run() -> None:
-        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix(),
-                                   requests_on_failure=mode, timeout_s=0.05)
-        try:
+        async with redis_limiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix(),
+                                 requests_on_failure=mode, timeout_s=0.05) as limiter:
             # Connect and load the script first; on a busy machine that alone may take over 50 ms.
             for _ in range(10):
                 with contextlib.suppress(APIError):
@@ -492,31 +489,8 @@ def test_slow_redis_times_out(mode: FailMode, own_redis: RedisServer) -> None:
             assert time.monotonic() - start < 0.5  # one timeout, then the breaker answers at once
             assert results == ([False] * 10 if mode == "open" else [503] * 10)
             assert limiter.stats.store_calls - calls_before == 1
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
-
-
-def test_breaker_probes_once_after_back_off() -> None:
-    clock_value = [0.0]
-    breaker = CircuitBreaker("test", base_backoff_s=1.0, max_backoff_s=4.0, clock=lambda: clock_value[0])
-    assert breaker.allow()
-    breaker.record_failure(ConnectionError("down"))
-    breaker.record_failure(ConnectionError("another caller that was in flight"))
-    assert not breaker.allow()
-    clock_value[0] = 1.0
-    assert breaker.allow()  # the probe
-    assert not breaker.allow()  # only one
-    breaker.record_failure(ConnectionError("still down"))
-    clock_value[0] = 2.5
-    assert not breaker.allow()  # back-off doubled to 2 s
-    clock_value[0] = 3.0
-    assert breaker.allow()
-    breaker.record_abandoned()  # the probe was cancelled: someone else may probe
-    assert breaker.allow()
-    breaker.record_success()
-    assert breaker.allow() and breaker.allow() and not breaker.is_open
 
 
 def test_redis_server_helper_restarts_on_the_same_port(own_redis: RedisServer) -> None:
@@ -537,14 +511,12 @@ def test_prepare_connects_and_loads_the_script(own_redis: RedisServer) -> None:
     assert probe.script_exists(sha) == [False]
 
     async def run() -> None:
-        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix())
-        try:
+        async with redis_limiter(own_redis.url, Limits(requests_per_minute=60),
+                                 key_prefix=unique_prefix()) as limiter:
             await limiter.prepare()
             assert probe.script_exists(sha) == [True]
             assert (await limiter.admit(principal(), 1)).checked
             assert limiter.stats.store_failures == 0
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
     probe.close()
@@ -555,16 +527,13 @@ def test_prepare_without_redis_only_logs(own_redis: RedisServer, caplog: pytest.
     own_redis.stop()
 
     async def run() -> None:
-        limiter = RedisRateLimiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix(),
-                                   requests_on_failure="closed")
-        try:
+        async with redis_limiter(own_redis.url, Limits(requests_per_minute=60), key_prefix=unique_prefix(),
+                                 requests_on_failure="closed") as limiter:
             await limiter.prepare(timeout_s=1.0)
             assert any("not ready at start-up" in r.getMessage() and "requests fail closed" in r.getMessage()
                        for r in caplog.records)
             with pytest.raises(APIError):  # then each request meets its failure policy, as always
                 await limiter.admit(principal(), 1)
-        finally:
-            await limiter.aclose()
 
     asyncio.run(run())
 
@@ -572,12 +541,17 @@ def test_prepare_without_redis_only_logs(own_redis: RedisServer, caplog: pytest.
 def test_gateway_builds_its_limiter_from_the_config(redis_server: RedisServer) -> None:
     """--rate-limit-timeout-ms reaches the Redis limiter; without Redis the limits live in memory."""
     redis_url = redis_server.url
-    limiter = build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_rpm=5, rate_limit_timeout_ms=250,
-                                          rate_limit_tokens_on_failure="closed"))
-    assert isinstance(limiter, RedisRateLimiter)
-    assert limiter.timeout_s == 0.25 and limiter.on_failure == {"requests": "open", "tokens": "closed"}
-    assert limiter.default_limits.requests_per_minute == 5
-    asyncio.run(limiter.aclose())
-    assert isinstance(build_limiter(GatewayConfig(rate_limit_rpm=5)), LocalRateLimiter)
-    with pytest.raises(ValueError, match="must be positive, got 0 ms"):
-        build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_timeout_ms=0))
+
+    async def run() -> None:
+        async with redis_client(redis_url) as shared:
+            limiter = build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_rpm=5, rate_limit_timeout_ms=250,
+                                                  rate_limit_tokens_on_failure="closed"), shared)
+            assert isinstance(limiter, RedisRateLimiter)
+            assert limiter.timeout_s == 0.25 and limiter.on_failure == {"requests": "open", "tokens": "closed"}
+            assert limiter.default_limits.requests_per_minute == 5
+            await limiter.aclose()
+            assert isinstance(build_limiter(GatewayConfig(rate_limit_rpm=5), None), LocalRateLimiter)
+            with pytest.raises(ValueError, match="must be positive, got 0 ms"):
+                build_limiter(GatewayConfig(redis_url=redis_url, rate_limit_timeout_ms=0), shared)
+
+    asyncio.run(run())

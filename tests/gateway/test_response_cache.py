@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import redis
 
 from loomserve.gateway import response_cache as rc
+from loomserve.gateway.rendering import ChatRenderer
 from loomserve.gateway.response_cache import (
     CACHE_HEADER,
     CACHE_HIT,
@@ -28,10 +30,9 @@ from loomserve.gateway.response_cache import (
     decode_entry,
     encode_entry,
     is_cacheable,
-    replay_json,
-    replay_sse,
 )
 from loomserve.gateway.sampling_defaults import OPENAI_DEFAULTS
+from tests.gateway.redis_clients import redis_client
 from tests.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
@@ -92,8 +93,11 @@ def throwaway_redis() -> Iterator[RedisServer]:
         yield server
 
 
-def caches(redis_prefix: str, **kwargs: Any) -> list[ResponseCache]:
-    return [ResponseCache(REDIS_URL, key_prefix=redis_prefix, **kwargs), ResponseCache(None, **kwargs)]
+@contextlib.asynccontextmanager
+async def caches(redis_prefix: str, **kwargs: Any) -> AsyncIterator[list[ResponseCache]]:
+    """The same cache in the shared Redis and in process."""
+    async with redis_client(REDIS_URL) as shared:
+        yield [ResponseCache(shared, key_prefix=redis_prefix, **kwargs), ResponseCache(None, **kwargs)]
 
 
 # -- keys -----------------------------------------------------------------------
@@ -305,17 +309,17 @@ def test_a_body_that_is_not_parsed_json_is_a_programming_error() -> None:
 
 def test_redis_hit_and_miss(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        assert cache.backend == "redis"
-        k = key(COMPLETION_BASE)
-        assert k is not None
-        assert await cache.get(k) is None
-        stored = answer(pieces=3)
-        assert await cache.put(k, stored)
-        assert await cache.get(k) == stored
-        assert await cache.get(key({**COMPLETION_BASE, "max_tokens": 17}) or "") is None
-        assert (cache.stats.hits, cache.stats.misses, cache.stats.stores) == (1, 2, 1)
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            assert cache.backend == "redis"
+            k = key(COMPLETION_BASE)
+            assert k is not None
+            assert await cache.get(k) is None
+            stored = answer(pieces=3)
+            assert await cache.put(k, stored)
+            assert await cache.get(k) == stored
+            assert await cache.get(key({**COMPLETION_BASE, "max_tokens": 17}) or "") is None
+            assert (cache.stats.hits, cache.stats.misses, cache.stats.stores) == (1, 2, 1)
 
     run(go())
     raw = redis.Redis.from_url(REDIS_URL).get(redis_prefix + (key(COMPLETION_BASE) or ""))
@@ -324,48 +328,48 @@ def test_redis_hit_and_miss(redis_prefix: str) -> None:
 
 def test_redis_and_memory_give_the_same_answers(redis_prefix: str) -> None:
     async def go() -> None:
-        for cache in caches(redis_prefix):
-            k = key(CHAT_BASE, endpoint=CHAT)
-            assert k is not None
-            await cache.put(k, answer(kind="chat", choices=2, pieces=4))
-            assert await cache.get(k) == answer(kind="chat", choices=2, pieces=4), cache.backend
-            await cache.close()
+        async with caches(redis_prefix) as both:
+            for cache in both:
+                k = key(CHAT_BASE, endpoint=CHAT)
+                assert k is not None
+                await cache.put(k, answer(kind="chat", choices=2, pieces=4))
+                assert await cache.get(k) == answer(kind="chat", choices=2, pieces=4), cache.backend
 
     run(go())
 
 
 def test_tenant_never_gets_another_tenants_entry(redis_prefix: str) -> None:
     async def go() -> None:
-        for cache in caches(redis_prefix):
-            key_a = key(COMPLETION_BASE, tenant="tenant-a")
-            key_b = key(COMPLETION_BASE, tenant="tenant-b")
-            assert key_a is not None and key_b is not None and key_a != key_b
-            await cache.put(key_a, answer("answer for A"))
-            assert await cache.get(key_b) is None, cache.backend
-            await cache.put(key_b, answer("answer for B"))
-            hit_a, hit_b = await cache.get(key_a), await cache.get(key_b)
-            assert hit_a is not None and hit_a.choices[0].text == "answer for A"
-            assert hit_b is not None and hit_b.choices[0].text == "answer for B"
-            await cache.close()
+        async with caches(redis_prefix) as both:
+            for cache in both:
+                key_a = key(COMPLETION_BASE, tenant="tenant-a")
+                key_b = key(COMPLETION_BASE, tenant="tenant-b")
+                assert key_a is not None and key_b is not None and key_a != key_b
+                await cache.put(key_a, answer("answer for A"))
+                assert await cache.get(key_b) is None, cache.backend
+                await cache.put(key_b, answer("answer for B"))
+                hit_a, hit_b = await cache.get(key_a), await cache.get(key_b)
+                assert hit_a is not None and hit_a.choices[0].text == "answer for A"
+                assert hit_b is not None and hit_b.choices[0].text == "answer for B"
 
     run(go())
 
 
 def test_redis_entry_expires_after_its_ttl(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix, ttl_s=30)
-        short, default = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 3}) or ""
-        assert await cache.put(short, answer(), ttl_s=0.3)
-        assert await cache.put(default, answer())
-        client = redis.Redis.from_url(REDIS_URL)
-        assert 0 < client.pttl(redis_prefix + short) <= 300
-        assert 29_000 < client.pttl(redis_prefix + default) <= 30_000
-        client.close()
-        assert await cache.get(short) is not None
-        await asyncio.sleep(0.5)
-        assert await cache.get(short) is None
-        assert await cache.get(default) is not None
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix, ttl_s=30)
+            short, default = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 3}) or ""
+            assert await cache.put(short, answer(), ttl_s=0.3)
+            assert await cache.put(default, answer())
+            client = redis.Redis.from_url(REDIS_URL)
+            assert 0 < client.pttl(redis_prefix + short) <= 300
+            assert 29_000 < client.pttl(redis_prefix + default) <= 30_000
+            client.close()
+            assert await cache.get(short) is not None
+            await asyncio.sleep(0.5)
+            assert await cache.get(short) is None
+            assert await cache.get(default) is not None
 
     run(go())
 
@@ -376,14 +380,14 @@ def test_entries_over_the_size_bound_are_not_cached(redis_prefix: str) -> None:
     assert len(encode_entry(big)) > limit
 
     async def go() -> None:
-        for cache in caches(redis_prefix, max_entry_bytes=limit):
-            k_small, k_big = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 999}) or ""
-            assert await cache.put(k_small, small)
-            assert not await cache.put(k_big, big)
-            assert cache.stats.too_large == 1
-            assert await cache.get(k_big) is None
-            assert await cache.get(k_small) == small
-            await cache.close()
+        async with caches(redis_prefix, max_entry_bytes=limit) as both:
+            for cache in both:
+                k_small, k_big = key(COMPLETION_BASE) or "", key({**COMPLETION_BASE, "max_tokens": 999}) or ""
+                assert await cache.put(k_small, small)
+                assert not await cache.put(k_big, big)
+                assert cache.stats.too_large == 1
+                assert await cache.get(k_big) is None
+                assert await cache.get(k_small) == small
 
     run(go())
     assert list(redis.Redis.from_url(REDIS_URL).scan_iter(match=redis_prefix + "*")) == [
@@ -409,62 +413,62 @@ def test_redis_stopped_is_a_miss_without_exception(throwaway_redis: RedisServer)
     errors: list[str] = []
 
     async def go() -> None:
-        cache = ResponseCache(throwaway_redis.url, retry_after_s=0.3, on_error=errors.append)
-        k = key(COMPLETION_BASE) or ""
-        assert await cache.put(k, answer())
-        assert await cache.get(k) == answer()
+        async with redis_client(throwaway_redis.url) as shared:
+            cache = ResponseCache(shared, retry_after_s=0.3, on_error=errors.append)
+            k = key(COMPLETION_BASE) or ""
+            assert await cache.put(k, answer())
+            assert await cache.get(k) == answer()
 
-        throwaway_redis.stop()
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert not await cache.put(k, answer())  # within the back-off: Redis is not even tried
-        assert await cache.get(k) is None
-        assert time.monotonic() - started < 1.0
-        assert errors == ["get"]
-        assert (cache.stats.get_errors, cache.stats.put_errors) == (1, 0)
+            throwaway_redis.stop()
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert not await cache.put(k, answer())  # within the back-off: Redis is not even tried
+            assert await cache.get(k) is None
+            assert time.monotonic() - started < 1.0
+            assert errors == ["get"]
+            assert (cache.stats.get_errors, cache.stats.put_errors) == (1, 0)
 
-        await asyncio.sleep(0.35)
-        assert not await cache.put(k, answer())
-        assert errors == ["get", "put"]
-        assert cache.stats.put_errors == 1
+            await asyncio.sleep(0.35)
+            assert not await cache.put(k, answer())
+            assert errors == ["get", "put"]
+            assert cache.stats.put_errors == 1
 
-        # Back again (empty, as a restarted Redis without persistence is): the cache works again.
-        throwaway_redis.start()
-        await asyncio.sleep(0.35)
-        assert await cache.get(k) is None
-        assert await cache.put(k, answer())
-        assert await cache.get(k) == answer()
-        assert errors == ["get", "put"]
-        await cache.close()
+            # Back again (empty, as a restarted Redis without persistence is): the cache works again.
+            throwaway_redis.start()
+            await asyncio.sleep(0.35)
+            assert await cache.get(k) is None
+            assert await cache.put(k, answer())
+            assert await cache.get(k) == answer()
+            assert errors == ["get", "put"]
 
     run(go())
 
 
 def test_stalled_redis_is_a_miss_within_the_timeout(throwaway_redis: RedisServer) -> None:
     async def go() -> None:
-        cache = ResponseCache(throwaway_redis.url, redis_timeout_s=0.2)
-        k = key(COMPLETION_BASE) or ""
-        assert await cache.put(k, answer())
-        throwaway_redis.pause(2.0)
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert time.monotonic() - started < 1.0
-        assert cache.stats.get_errors == 1
-        await cache.close()
+        async with redis_client(throwaway_redis.url) as shared:
+            cache = ResponseCache(shared, redis_timeout_s=0.2)
+            k = key(COMPLETION_BASE) or ""
+            assert await cache.put(k, answer())
+            throwaway_redis.pause(2.0)
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert time.monotonic() - started < 1.0
+            assert cache.stats.get_errors == 1
 
     run(go())
 
 
 def test_unreachable_redis_is_a_quick_miss() -> None:
     async def go() -> None:
-        cache = ResponseCache(f"redis://127.0.0.1:{free_port()}/0")
-        k = key(COMPLETION_BASE) or ""
-        started = time.monotonic()
-        assert await cache.get(k) is None
-        assert not await cache.put(k, answer())
-        assert time.monotonic() - started < 1.0
-        assert cache.stats.get_errors == 1
-        await cache.close()
+        async with redis_client(f"redis://127.0.0.1:{free_port()}/0") as shared:
+            cache = ResponseCache(shared)
+            k = key(COMPLETION_BASE) or ""
+            started = time.monotonic()
+            assert await cache.get(k) is None
+            assert not await cache.put(k, answer())
+            assert time.monotonic() - started < 1.0
+            assert cache.stats.get_errors == 1
 
     run(go())
 
@@ -476,19 +480,12 @@ def test_damaged_entry_is_a_miss(redis_prefix: str) -> None:
     client.close()
 
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        assert await cache.get(k) is None
-        assert cache.stats.misses == 1
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            assert await cache.get(k) is None
+            assert cache.stats.misses == 1
 
     run(go())
-
-
-def test_log_shows_no_redis_credentials(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="loomserve.gateway.response_cache"):
-        ResponseCache("redis://user:s3cret@cache.internal:6380/2?password=hunter2")
-    assert "redis://cache.internal:6380/2" in caplog.text
-    assert "s3cret" not in caplog.text and "hunter2" not in caplog.text
 
 
 def test_bad_configuration_is_refused() -> None:
@@ -577,29 +574,11 @@ def test_in_process_entries_are_copies() -> None:
     run(go())
 
 
-# -- entries and replay ---------------------------------------------------------
-
-
-def events(chunks: Iterator[bytes]) -> list[Any]:
-    out: list[Any] = []
-    for chunk in chunks:
-        assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
-        data = chunk[len(b"data: "):-2].decode()
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+# -- entries ------------------------------------------------------------
 
 
 def chat_lp(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-
-
-def completion_lp(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
-    offsets, offset = [], 0
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs, strict=True)], "text_offset": offsets}
 
 
 def recorded_chat() -> CachedResponse:
@@ -622,101 +601,17 @@ def test_recorder_builds_the_entry() -> None:
     assert decode_entry(encode_entry(cached)) == cached
 
 
-def test_replay_chat_as_sse() -> None:
-    got = events(replay_sse(recorded_chat(), response_id="chatcmpl-1", model="smol", created=123,
-                            include_usage=True, return_token_ids=True))
-    assert got[-1] == "[DONE]"
-    chunks = got[:-1]
-    assert all(c["id"] == "chatcmpl-1" and c["object"] == "chat.completion.chunk" and c["created"] == 123
-               and c["model"] == "smol" for c in chunks)
-    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
-    assert [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"],
-             c["choices"][0]["token_ids"]) for c in chunks[2:5]] == [
-        (0, {"content": "Hel"}, None, [1, 2]),
-        (0, {"content": "lo"}, "stop", [3]),
-        (1, {"content": "Bye"}, "length", [7]),
-    ]
-    assert chunks[2]["choices"][0]["logprobs"] == {"content": [chat_lp("He", -0.1), chat_lp("l", -0.2)]}
-    assert chunks[5] == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 123, "model": "smol",
-                         "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}}
-    assert len(chunks) == 6
-
-
-def test_replay_sse_leaves_out_usage_and_token_ids_unless_asked() -> None:
-    got = events(replay_sse(recorded_chat(), response_id="x", model="smol"))
-    assert got[-1] == "[DONE]"
-    assert all("usage" not in c and "token_ids" not in c["choices"][0] for c in got[:-1])
-    assert len(got) == 2 + 3 + 1
-
-
-def test_replay_completion_as_sse() -> None:
-    cached = answer("Hello world", pieces=2)
-    got = events(replay_sse(cached, response_id="cmpl-1", model="smol", include_usage=True))
-    assert got[-1] == "[DONE]"
-    content = [c["choices"][0] for c in got[:-2]]
-    assert "".join(c["text"] for c in content) == "Hello world"
-    assert [c["finish_reason"] for c in content] == [None] * (len(content) - 1) + ["stop"]
-    assert all(c["object"] == "text_completion" for c in got[:-1])
-    assert got[-2]["usage"]["completion_tokens"] == len("Hello world")
-
-
-def test_replay_sse_skips_pieces_that_show_nothing() -> None:
-    cached = CachedResponse("chat", [CachedChoice([CachedPiece("Hi", [5]), CachedPiece("", []), CachedPiece("", [])],
-                                                  "stop")], 2, 1)
-    got = events(replay_sse(cached, response_id="c", model="m"))
-    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in got[1:-1]]
-    assert deltas == [({"content": "Hi"}, None), ({}, "stop")]  # the last one carries the finish reason
-    with_ids = events(replay_sse(cached, response_id="c", model="m", return_token_ids=True))
-    assert len(with_ids) == 1 + 3 + 1  # asked for token ids: every piece is sent, as the live stream does
-
-
-def test_replay_sse_ends_a_choice_without_pieces() -> None:
-    cached = CachedResponse("completion", [CachedChoice([], "length")], 3, 0)
-    got = events(replay_sse(cached, response_id="c", model="m"))
-    assert got[0]["choices"] == [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]
-
-
-def test_replay_chat_as_json_merges_pieces() -> None:
-    body = replay_json(recorded_chat(), response_id="chatcmpl-1", model="smol", created=5, return_token_ids=True)
-    assert body["object"] == "chat.completion" and body["created"] == 5 and body["id"] == "chatcmpl-1"
-    assert body["choices"][0] == {
-        "index": 0, "message": {"role": "assistant", "content": "Hello"},
-        "logprobs": {"content": [chat_lp("He", -0.1), chat_lp("l", -0.2), chat_lp("lo", -0.3)]},
-        "finish_reason": "stop", "token_ids": [1, 2, 3]}
-    assert body["choices"][1]["message"]["content"] == "Bye"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
-
-
-def test_replay_completion_as_json_recomputes_text_offsets() -> None:
-    rec = ResponseRecorder("completion", 1)
-    rec.add(0, " Hello", [1, 2], completion_lp([" He", "llo"], [-0.1, -0.2]))
-    rec.add(0, " you", [3], completion_lp([" you"], [-0.3]), "stop")
-    cached = rec.result(3, 3)
-    assert cached is not None
-    body = replay_json(cached, response_id="cmpl-1", model="smol")
-    assert body["object"] == "text_completion"
-    choice = body["choices"][0]
-    assert choice["text"] == " Hello you" and "token_ids" not in choice
-    assert choice["logprobs"] == {"tokens": [" He", "llo", " you"], "token_logprobs": [-0.1, -0.2, -0.3],
-                                  "top_logprobs": [{" He": -0.1}, {"llo": -0.2}, {" you": -0.3}],
-                                  "text_offset": [0, 3, 6]}
-
-
-def test_replay_json_without_logprobs() -> None:
-    body = replay_json(answer("abc"), response_id="c", model="m")
-    assert body["choices"] == [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": "stop"}]
-
-
 def test_cached_answer_replays_the_same_after_a_redis_round_trip(redis_prefix: str) -> None:
     async def go() -> None:
-        cache = ResponseCache(REDIS_URL, key_prefix=redis_prefix)
-        k = key(CHAT_BASE, endpoint=CHAT) or ""
-        await cache.put(k, recorded_chat())
-        hit = await cache.get(k)
-        assert hit is not None
-        assert (list(replay_sse(hit, response_id="a", model="m", created=1, include_usage=True))
-                == list(replay_sse(recorded_chat(), response_id="a", model="m", created=1, include_usage=True)))
-        await cache.close()
+        async with redis_client(REDIS_URL) as shared:
+            cache = ResponseCache(shared, key_prefix=redis_prefix)
+            k = key(CHAT_BASE, endpoint=CHAT) or ""
+            await cache.put(k, recorded_chat())
+            hit = await cache.get(k)
+            assert hit is not None
+            renderer = ChatRenderer("a", "m", clock=lambda: 1)
+            assert (list(renderer.replay_events(hit, include_usage=True))
+                    == list(renderer.replay_events(recorded_chat(), include_usage=True)))
 
     run(go())
 
