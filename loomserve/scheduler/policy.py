@@ -23,14 +23,18 @@ POLICIES = ("fcfs", "priority")
 
 
 class WaitingQueue:
-    """A priority queue of waiting requests with O(log n) push/pop and lazy removal."""
+    """A priority queue of waiting requests with O(log n) push/pop and lazy removal.
+
+    A heap entry is live while its request id maps to the entry's own push number:
+    an entry left behind by ``remove`` stays dead even when a new request reuses the id.
+    """
 
     def __init__(self, policy: str = "fcfs") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {POLICIES}")
         self.policy = policy
         self._heap: list[tuple[int, float, int, Request]] = []
-        self._members: set[str] = set()
+        self._members: dict[str, int] = {}  # request id -> push number of its live entry
         self._counter = itertools.count()
         self.num_tokens = 0  # prompt tokens still to compute, for the token bound
 
@@ -39,12 +43,16 @@ class WaitingQueue:
         return (priority, request.arrival_time, next(self._counter))
 
     def push(self, request: Request) -> None:
-        heapq.heappush(self._heap, (*self._key(request), request))
-        self._members.add(request.request_id)
+        entry = (*self._key(request), request)
+        heapq.heappush(self._heap, entry)
+        self._members[request.request_id] = entry[2]
         self.num_tokens += request.num_tokens
 
+    def _is_live(self, entry: tuple[int, float, int, Request]) -> bool:
+        return self._members.get(entry[3].request_id) == entry[2]
+
     def _drop_removed(self) -> None:
-        while self._heap and self._heap[0][3].request_id not in self._members:
+        while self._heap and not self._is_live(self._heap[0]):
             heapq.heappop(self._heap)
 
     def peek(self) -> Request | None:
@@ -54,7 +62,7 @@ class WaitingQueue:
     def pop(self) -> Request:
         self._drop_removed()
         request = heapq.heappop(self._heap)[3]
-        self._members.discard(request.request_id)
+        del self._members[request.request_id]
         self.num_tokens -= request.num_tokens
         return request
 
@@ -62,7 +70,7 @@ class WaitingQueue:
         """Remove ``request`` if queued (its heap entry is skipped when it surfaces)."""
         if request.request_id not in self._members:
             return False
-        self._members.discard(request.request_id)
+        del self._members[request.request_id]
         self.num_tokens -= request.num_tokens
         return True
 
@@ -70,7 +78,7 @@ class WaitingQueue:
         return len(self._members)
 
     def __iter__(self) -> Iterator[Request]:
-        return (entry[3] for entry in sorted(self._heap) if entry[3].request_id in self._members)
+        return (entry[3] for entry in sorted(self._heap) if self._is_live(entry))
 
 
 def preemption_order_key(policy: str, request: Request) -> tuple[int, float]:
