@@ -72,7 +72,8 @@ log = logging.getLogger(__name__)
 # the largest batch: decode activations of at most 256 tokens. Captures of 256 took
 # 160 MiB (llama-3.2-1b) and 126 MiB (llama-3.1-8b) on an H200, of 512 266 MiB at
 # llama-3.1-8b; start-up logs what they took. The mixed-step graphs' pool is sized
-# from the profiling step (activations scale with the token count) plus this margin.
+# from the profiling step's forward pass (its activations scale with the token count;
+# the sampling's, which dominate at a small budget, do not) plus this margin.
 CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 MIXED_GRAPH_MARGIN_BYTES = 64 << 20
 
@@ -250,12 +251,12 @@ class ModelRunner:
         if graph_seqs < 1:
             raise ValueError(f"--cuda-graph-max-seqs must be at least 1, got {graph_seqs}")
         if device.is_cuda:
-            activations = self._profile_activation_bytes(budget, min(limits.max_num_seqs, budget))
+            activations, forward = self._profile_activation_bytes(budget, min(limits.max_num_seqs, budget))
             reserved = activations
             if self.use_cuda_graphs:
                 reserved += CUDA_GRAPH_RESERVE_BYTES * -(-graph_seqs // GRAPH_MAX_SEQS)
             if mixed_sizes:
-                reserved += activations * max(mixed_sizes) // budget + MIXED_GRAPH_MARGIN_BYTES
+                reserved += forward * max(mixed_sizes) // budget + MIXED_GRAPH_MARGIN_BYTES
         available = device.kv_cache_bytes(config, reserved)
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
         bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.kv_dtype,
@@ -300,10 +301,10 @@ class ModelRunner:
     # -- start-up ------------------------------------------------------------
 
     @torch.inference_mode()
-    def _profile_activation_bytes(self, num_tokens: int, num_sampled: int) -> int:
+    def _profile_activation_bytes(self, num_tokens: int, num_sampled: int) -> tuple[int, int]:
         """Peak device memory of one ``num_tokens``-token prefill step and the sampling
         (temperature and top-p: the costliest path) of ``num_sampled`` rows, beyond what
-        is allocated now.
+        is allocated now; and the peak of the forward pass alone.
 
         The attention reads a one-block scratch cache: every block-table entry
         points at it and no token is written (slot -1), so the step computes at
@@ -336,15 +337,18 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(dev)
         started = time.monotonic()
         hidden = self.model(input_ids, positions, scratch, meta)  # (num_tokens, hidden)
+        torch.cuda.synchronize(dev)
+        forward = torch.cuda.max_memory_reserved(dev) - before
         logits = self.model.compute_logits(hidden[:num_sampled])
         sample(logits, states, torch.Generator(device=dev).manual_seed(0))
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_reserved(dev) - before
         del hidden, logits, scratch, meta, positions, input_ids
         torch.cuda.empty_cache()
-        log.info("profiling step of %d tokens: %.0f MiB of activations, %.1f s (first run includes kernel builds)",
-                 num_tokens, peak / (1 << 20), time.monotonic() - started)
-        return peak
+        log.info("profiling step of %d tokens: %.0f MiB of activations (%.0f MiB in the forward pass), %.1f s "
+                 "(first run includes kernel builds)", num_tokens, peak / (1 << 20), forward / (1 << 20),
+                 time.monotonic() - started)
+        return peak, forward
 
     # -- one step ------------------------------------------------------------
 
