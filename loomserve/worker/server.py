@@ -93,29 +93,32 @@ class WorkerServer:
     def _send(self, msg: m.WorkerHello | m.WorkerReady | m.StepResult | m.WorkerFailure) -> None:
         self._sock.send(self._encoder.encode(msg))
 
+    def _receive(self, timeout_ms: int) -> m.SchedulerToWorker | None:
+        """The scheduler's next message, or None if none came in time or it did not decode."""
+        if not self._sock.poll(timeout_ms):
+            return None
+        frame = self._sock.recv()
+        try:
+            return m.scheduler_to_worker.decode(frame)
+        except msgspec.DecodeError as e:
+            log.warning("dropped an undecodable scheduler frame (%d bytes): %s", len(frame), e)
+            return None
+
     def _step_limits(self) -> m.StepLimits:
         """The scheduler's answer to this rank's ``WorkerHello``; waits for the scheduler to
         come up (ZeroMQ delivers the hello once it binds)."""
         self._send(m.WorkerHello(rank=self.tp.rank, world_size=self.tp.size))
-        waited_s = 0
-        while True:
-            if not self._sock.poll(1000):
-                waited_s += 1
-                if waited_s % 30 == 0:
-                    log.info("rank %d still waiting for the scheduler at %s (%d s)", self.tp.rank,
-                             self.config.scheduler_address, waited_s)
-                continue
-            frame = self._sock.recv()
-            try:
-                msg = m.scheduler_to_worker.decode(frame)
-            except msgspec.DecodeError as e:
-                log.warning("dropped an undecodable scheduler frame (%d bytes): %s", len(frame), e)
-                continue
-            if isinstance(msg, m.StepLimits):
-                log.info("scheduler's step limits: %d tokens, %d sequences", msg.max_num_batched_tokens,
-                         msg.max_num_seqs)
-                return msg
-            log.warning("ignored a %s that came before the step limits", type(msg).__name__)
+        started = time.monotonic()
+        next_note = started + 30
+        while not isinstance(msg := self._receive(1000), m.StepLimits):
+            if msg is not None:
+                log.warning("ignored a %s that came before the step limits", type(msg).__name__)
+            if time.monotonic() >= next_note:
+                next_note += 30
+                log.info("rank %d still waiting for the scheduler at %s (%.0f s)", self.tp.rank,
+                         self.config.scheduler_address, time.monotonic() - started)
+        log.info("scheduler's step limits: %d tokens, %d sequences", msg.max_num_batched_tokens, msg.max_num_seqs)
+        return msg
 
     def _register(self) -> None:
         self._send(m.WorkerReady(
@@ -135,13 +138,8 @@ class WorkerServer:
     def run(self) -> None:
         self._register()
         while not self._stopping:
-            if not self._sock.poll(200):
-                continue
-            frame = self._sock.recv()
-            try:
-                msg = m.scheduler_to_worker.decode(frame)
-            except msgspec.DecodeError as e:
-                log.warning("dropped an undecodable scheduler frame (%d bytes): %s", len(frame), e)
+            msg = self._receive(200)
+            if msg is None:
                 continue
             if isinstance(msg, m.Shutdown):
                 log.info("shutdown requested by the scheduler")
